@@ -1,0 +1,30 @@
+# syntax=docker/dockerfile:1.7
+# Backend + worker image (CPU or GPU host). The engine runs in its own container: the official vLLM
+# OpenAI server image on GPU (see docker-compose.yml). Install steps are scripts/setup.sh's, the same
+# ones `make run`/`make test` use.
+ARG PYTHON_IMAGE=python:3.11.10-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 DATAENGINE_SKIP_ENGINE_SETUP=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY scripts/setup.sh scripts/setup.sh
+COPY backend backend
+COPY training training
+COPY label_config label_config
+RUN scripts/setup.sh app
+
+FROM ${PYTHON_IMAGE}
+RUN useradd --create-home --uid 10001 dataengine
+WORKDIR /app
+COPY --from=build --chown=dataengine:dataengine /app /app
+ENV PATH=/app/.venv/bin:$PATH \
+    MODEL_DIR=/data \
+    DATAENGINE_PORT=9090 \
+    PYTHONUNBUFFERED=1
+RUN mkdir -p /data && chown dataengine:dataengine /data
+USER dataengine
+EXPOSE 9090
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+  CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9090/health', timeout=4).status == 200 else 1)"
+CMD ["dataengine", "serve"]

@@ -1,0 +1,282 @@
+"""Flask app factory: Label Studio's ML backend protocol (/health, /setup, /predict) plus /metrics."""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from . import label_studio, metrics
+from .engine_client import EngineClient
+from .errors import BadRequest, RequestError
+from .feedback import HANDLED_ACTIONS, parse_webhook
+from .jobs import FeedbackQueue
+from .label_config import compile_label_config
+from .predictor import PredictRequest, Predictor
+from .projects import ProjectSettings, ProjectStore, project_id_from
+from .registry import VersionReader
+from .settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+OPEN_ENDPOINTS = {"health"}  # reachable without basic auth (container health checks)
+SECRET_HEADER = "X-Dataengine-Secret"
+
+
+def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> Flask:
+    settings = settings or get_settings()
+    if engine is None:
+        if not settings.engine_url:
+            raise RuntimeError("DATAENGINE_ENGINE_URL is not set (`dataengine serve` sets it when it starts the engine)")
+        engine = EngineClient(settings.engine_url, settings.model_name, settings.engine_request_timeout)
+    app = Flask("dataengine")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.extensions["dataengine"] = services = Services(settings, engine)
+    _install_hooks(app, settings)
+    _install_error_handlers(app)
+    _install_routes(app, services)
+    return app
+
+
+class Services:
+    """What the routes share; built once per process (never per request)."""
+
+    def __init__(self, settings: Settings, engine: EngineClient):
+        self.settings = settings
+        self.engine = engine
+        self.projects = ProjectStore(settings.projects_dir)
+        self.versions = VersionReader(settings.projects_dir, settings.model_name)
+        self.predictor = Predictor(settings, engine)
+        self.queue = FeedbackQueue.from_settings(settings)
+
+
+# --- request plumbing ------------------------------------------------------------------------------
+
+
+def read_json_object() -> dict[str, Any]:
+    """The request body as a JSON object, or a 4xx naming what is wrong with it."""
+    raw = request.get_data(cache=False)
+    if not raw:
+        raise BadRequest("request body is empty; expected a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"request body is not valid UTF-8 (byte {exc.start}): send JSON encoded as UTF-8") from exc
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    if not isinstance(body, dict):
+        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _install_hooks(app: Flask, settings: Settings) -> None:
+    @app.before_request
+    def _start_and_authenticate():
+        g.started = time.perf_counter()
+        secret_ok = (
+            request.endpoint == "webhook"
+            and settings.webhook_secret
+            and hmac.compare_digest(request.headers.get(SECRET_HEADER, "").encode(), settings.webhook_secret.encode())
+        )
+        if settings.basic_auth_user and request.endpoint not in OPEN_ENDPOINTS and not secret_ok:
+            auth = request.authorization
+            ok = (
+                auth is not None
+                and hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
+                and hmac.compare_digest((auth.password or "").encode(), settings.basic_auth_pass.encode())
+            )
+            if not ok:
+                response = jsonify(error="authentication required (BASIC_AUTH_USER/BASIC_AUTH_PASS)")
+                response.status_code = 401
+                response.headers["WWW-Authenticate"] = 'Basic realm="dataengine"'
+                return response
+        return None
+
+    @app.after_request
+    def _observe(response: Response) -> Response:
+        endpoint = request.endpoint or "unknown"
+        metrics.REQUESTS.labels(endpoint, str(response.status_code)).inc()
+        if "started" in g:
+            metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - g.started)
+        return response
+
+
+def _install_error_handlers(app: Flask) -> None:
+    @app.errorhandler(RequestError)
+    def _request_error(exc: RequestError):
+        log.info("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
+        return jsonify(error=exc.message), exc.status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        message = exc.description or exc.name
+        if exc.code == 413:
+            message = f"request body is larger than {app.config['MAX_CONTENT_LENGTH']} bytes (DATAENGINE_MAX_REQUEST_BYTES)"
+        return jsonify(error=message), exc.code
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return jsonify(error=f"internal error: {exc.__class__.__name__}; see the backend log"), 500
+
+
+# --- routes ----------------------------------------------------------------------------------------
+
+
+def _install_routes(app: Flask, services: Services) -> None:
+    settings = services.settings
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        engines = services.engine.health()
+        status = "UP" if any(engines.values()) else "DEGRADED"
+        return jsonify(status=status, model_class="dataengine", engine=engines, redis=services.queue.ping())
+
+    @app.post("/setup")
+    def setup():
+        body = read_json_object()
+        project = project_id_from(body.get("project"))
+        stored = services.projects.get(project)
+        schema = body.get("schema") or body.get("label_config") or stored.label_config
+        if schema:
+            compile_label_config(schema, settings=settings)  # 4xx now, not at the first /predict
+        overrides = _parse_extra_params(body.get("extra_params"))
+        # Configured values win: Label Studio's `hostname` is often localhost as seen from its own
+        # container, and its `access_token` is a legacy token that 1.23 may refuse.
+        url = settings.label_studio_url or body.get("hostname") or ""
+        token = settings.label_studio_api_key or body.get("access_token") or ""
+        instructions = label_studio.fetch_instructions(url, token, project)
+        updated = ProjectSettings(
+            candidates=overrides.get("candidates", stored.candidates),
+            temperature=overrides.get("temperature", stored.temperature),
+            instructions=stored.instructions if instructions is None else instructions,
+            label_config=schema or "",
+            extra={**stored.extra, **overrides},
+        )
+        if updated != stored:
+            services.projects.save(project, updated)
+        return jsonify(model_version=services.versions.current(project).name)
+
+    @app.post("/predict")
+    def predict():
+        body = read_json_object()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list) or not tasks:
+            raise BadRequest("'tasks' must be a non-empty list of Label Studio tasks")
+        project = project_id_from(body.get("project"))
+        stored = services.projects.get(project)
+        schema = body.get("label_config") or stored.label_config
+        if not schema:
+            raise BadRequest("'label_config' is missing and /setup has not been called for this project")
+        config = compile_label_config(schema, settings=settings)
+        params = body.get("params") if isinstance(body.get("params"), dict) else {}
+        overrides = _parse_extra_params(params.get("extra_params")) if params.get("extra_params") else {}
+        predict_request = PredictRequest(
+            config=config,
+            tasks=tasks,
+            version=services.versions.current(project),
+            candidates=overrides.get("candidates") or stored.candidates or settings.candidates,
+            temperature=overrides.get("temperature") or stored.temperature or settings.temperature,
+            instructions=stored.instructions,
+        )
+        results = services.predictor.predict(predict_request)
+        metrics.TASKS.inc(len(tasks))
+        if params.get("context") is not None:
+            # Interactive pre-annotation: Label Studio hands results[0] to its UI, which reads `.result`
+            # of ONE prediction; batch retrieval (context null) stores the whole ranked list.
+            results = [ranked[0] if ranked else _empty_prediction(predict_request.version.name) for ranked in results]
+        return jsonify(results=results, model_version=predict_request.version.name)
+
+    @app.post("/webhook")
+    def webhook():
+        _check_webhook_secret(settings.webhook_secret)
+        event = parse_webhook(read_json_object())
+        metrics.WEBHOOK_EVENTS.labels(event.action).inc()
+        recorded = services.queue.record(event)
+        body = {"status": "ok", "event": recorded.event_id, "training_job": recorded.training_job}
+        if event.action not in HANDLED_ACTIONS:
+            body["note"] = f"event {event.action} recorded; it does not affect training"
+        return jsonify(body), 200
+
+    @app.get("/events")
+    def events():
+        project = project_id_from(request.args.get("project"))
+        limit = _int_arg("limit", 100, 1, 10_000)
+        return jsonify(project=project, events=services.queue.recent_events(project, limit))
+
+    @app.get("/jobs")
+    def jobs():
+        return jsonify(jobs=services.queue.list_jobs(_int_arg("limit", 50, 1, 1000)))
+
+    @app.get("/jobs/<job_id>")
+    def job(job_id: str):
+        found = services.queue.get_job(job_id)
+        if found is None:
+            return jsonify(error=f"no job {job_id!r}"), 404
+        return jsonify(found)
+
+    @app.get("/versions")
+    def versions():
+        project = request.args.get("project")
+        projects = [project_id_from(project)] if project else services.versions.projects()
+        return jsonify(
+            projects={
+                p: {"current": services.versions.current(p).name, "versions": services.versions.versions(p)} for p in projects
+            }
+        )
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        payload, content_type = metrics.render()
+        return Response(payload, content_type=content_type)
+
+
+def _empty_prediction(model_version: str) -> dict[str, Any]:
+    return {"result": [], "score": 0.0, "model_version": model_version}
+
+
+def _check_webhook_secret(secret: str) -> None:
+    if secret and not hmac.compare_digest(request.headers.get(SECRET_HEADER, "").encode(), secret.encode()):
+        raise RequestError(f"missing or wrong {SECRET_HEADER} header (DATAENGINE_WEBHOOK_SECRET)", 401)
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name, default)
+    try:
+        value = int(raw)
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"query parameter {name!r} must be an integer") from exc
+    if not low <= value <= high:
+        raise BadRequest(f"query parameter {name!r} must be between {low} and {high}")
+    return value
+
+
+def _parse_extra_params(raw: Any) -> dict[str, Any]:
+    """Per-project overrides from the ML backend's "extra params" (a JSON object, or its text)."""
+    if raw in (None, "", {}):
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"extra_params is not valid JSON: {exc.msg}") from exc
+    if not isinstance(raw, dict):
+        raise BadRequest("extra_params must be a JSON object, e.g. {\"candidates\": 6}")
+    overrides: dict[str, Any] = {}
+    if "candidates" in raw:
+        value = raw["candidates"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 32:
+            raise BadRequest(f"extra_params.candidates must be an integer from 1 to 32, got {value!r}")
+        overrides["candidates"] = value
+    if "temperature" in raw:
+        value = raw["temperature"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 2:
+            raise BadRequest(f"extra_params.temperature must be a number in (0, 2], got {value!r}")
+        overrides["temperature"] = float(value)
+    return overrides

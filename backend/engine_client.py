@@ -1,0 +1,194 @@
+"""Client for the vLLM OpenAI-compatible engine server.
+
+Plain httpx rather than the `openai` package: what we need is mostly vLLM's own extensions (the
+`structured_outputs` constraint, `/tokenize` with chat messages, `echo` over token-id prompts for scoring,
+runtime LoRA loading), and one pooled client keeps our per-request overhead small and measurable.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from .errors import EngineRejected, EngineUnavailable, RequestError
+
+
+class UnknownModel(RequestError):
+    """The engine does not know the requested model/adapter (e.g. it restarted and lost its adapters)."""
+
+    status = 502
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled completion: its text, mean token log-probability and why it stopped."""
+
+    text: str
+    mean_logprob: float
+    tokens: int
+    finish_reason: str
+
+
+class EngineClient:
+    def __init__(self, base_urls: str | list[str], model: str, timeout: float = 90.0):
+        urls = [u.strip().rstrip("/") for u in (base_urls.split(",") if isinstance(base_urls, str) else base_urls)]
+        self.base_urls = [u for u in urls if u]
+        if not self.base_urls:
+            raise ValueError("no engine URL configured")
+        self.model = model
+        self._next_url = itertools.cycle(self.base_urls)
+        self._adapters: set[str] = set()
+        self._lock = threading.Lock()
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=4.0)
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0), limits=limits)
+
+    def _url(self) -> str:
+        with self._lock:  # spread requests over engine replicas
+            return next(self._next_url)
+
+    def _post(self, path: str, payload: dict[str, Any], base_url: str | None = None) -> dict[str, Any]:
+        url = (base_url or self._url()) + path
+        try:
+            response = self._send(url, payload)
+        except httpx.TimeoutException as exc:
+            raise EngineUnavailable(f"the engine at {url} did not answer in time ({exc.__class__.__name__})") from exc
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(f"the engine at {url} is unreachable: {exc}") from exc
+        if response.status_code >= 400:
+            raise _engine_error(url, response)
+        try:
+            return response.json()
+        except ValueError:  # e.g. /v1/load_lora_adapter answers plain text
+            return {"text": response.text}
+
+    def _send(self, url: str, payload: dict[str, Any]) -> httpx.Response:
+        try:
+            return self._http.post(url, json=payload)
+        except (httpx.RemoteProtocolError, httpx.ConnectError):
+            # The engine (uvicorn) closes idle keep-alive connections after 5 s; a request that raced
+            # that close never reached it, so one retry on a fresh connection is safe.
+            return self._http.post(url, json=payload)
+
+    # --- health ------------------------------------------------------------------------------------
+    def health(self) -> dict[str, bool]:
+        states = {}
+        for url in self.base_urls:
+            try:
+                states[url] = self._http.get(url + "/health", timeout=2.0).status_code == 200
+            except httpx.HTTPError:
+                states[url] = False
+        return states
+
+    # --- sampling ----------------------------------------------------------------------------------
+    def sample(
+        self,
+        messages: list[dict[str, str]],
+        schema: dict[str, Any],
+        *,
+        n: int,
+        temperature: float,
+        max_tokens: int,
+        model: str | None = None,
+    ) -> list[Sample]:
+        """n constrained samples in one request (vLLM `structured_outputs` JSON schema)."""
+        payload = {
+            "model": model or self.model,
+            "messages": messages,
+            "n": n,
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+            "logprobs": True,
+            "structured_outputs": {"json": schema},
+        }
+        body = self._post("/v1/chat/completions", payload)
+        return [_sample_from_choice(choice) for choice in body.get("choices", [])]
+
+    # --- exhaustive scoring ------------------------------------------------------------------------
+    def score_letters(self, messages: list[dict[str, str]], letters: list[str], *, model: str | None = None) -> list[float]:
+        """Log-probability of each single-letter answer, from one constrained decoding step.
+
+        The constraint masks every other token, so the returned log-probabilities are the model's
+        distribution renormalised over the options. (Scoring full label strings through prompt
+        log-probabilities crashes vLLM's CPU LoRA path, which hot swap needs, so options are lettered.)
+        """
+        payload = {
+            "model": model or self.model,
+            "messages": messages,
+            "n": 1,
+            "temperature": 0.0,
+            "max_tokens": 1,
+            "logprobs": True,
+            "top_logprobs": len(letters),
+            "structured_outputs": {"choice": letters},
+        }
+        body = self._post("/v1/chat/completions", payload)
+        try:
+            top = body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise RequestError(f"the engine returned no log-probabilities for the options: {exc}", 502) from exc
+        by_token = {entry["token"].strip(): entry["logprob"] for entry in top}
+        return [float(by_token.get(letter, float("-inf"))) for letter in letters]
+
+    # --- adapters (hot swap) -----------------------------------------------------------------------
+    def load_lora_adapter(self, name: str, path: str) -> None:
+        """Load an adapter on every engine replica; an already-loaded name is fine."""
+        for url in self.base_urls:
+            try:
+                self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, url)
+            except RequestError as exc:
+                if "already" not in exc.message.lower():
+                    raise
+
+    def ensure_adapter(self, name: str, path: str) -> None:
+        """Load once per process; `forget_adapter` after an engine restart makes the next call reload."""
+        if name in self._adapters:
+            return
+        if not Path(path).is_dir():
+            # Never hand vLLM a missing adapter: loading it fails inside the engine core and kills the engine.
+            raise RequestError(f"adapter {name} is missing on disk ({path}); roll the project back or retrain", 500)
+        self.load_lora_adapter(name, path)
+        self._adapters.add(name)
+
+    def forget_adapter(self, name: str) -> None:
+        self._adapters.discard(name)
+
+    def loaded_models(self) -> list[str]:
+        try:
+            body = self._http.get(self.base_urls[0] + "/v1/models", timeout=5.0).json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise EngineUnavailable(f"cannot list the engine's models: {exc}") from exc
+        return [m["id"] for m in body.get("data", [])]
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _sample_from_choice(choice: dict[str, Any]) -> Sample:
+    content = (choice.get("logprobs") or {}).get("content") or []
+    logprobs = [t["logprob"] for t in content if t.get("logprob") is not None and math.isfinite(t["logprob"])]
+    mean = sum(logprobs) / len(logprobs) if logprobs else float("-inf")
+    return Sample(
+        text=(choice.get("message") or {}).get("content") or "",
+        mean_logprob=mean,
+        tokens=len(content),
+        finish_reason=choice.get("finish_reason") or "",
+    )
+
+
+def _engine_error(url: str, response: httpx.Response) -> RequestError:
+    try:
+        detail = response.json()
+        error = detail.get("error")
+        message = detail.get("message") or (error.get("message") if isinstance(error, dict) else error) or str(detail)
+    except (ValueError, AttributeError):
+        message = response.text[:500]
+    if response.status_code == 400 and ("context length" in message or "maximum" in message.lower()):
+        return EngineRejected(f"the task is too long for the model: {message}")
+    if response.status_code == 404:
+        return UnknownModel(f"the engine at {url} does not serve that model: {message}")
+    return RequestError(f"the engine at {url} answered {response.status_code}: {message}", 502)

@@ -1,0 +1,211 @@
+"""Recording feedback in Redis and scheduling training jobs on RQ — the serving side of the queue.
+
+Jobs are enqueued by dotted name ("training.jobs...."), so the backend never imports training code.
+Redis layout (prefix `dataengine:`):
+  events:<project>   stream of every webhook event received (capped), the audit trail
+  changes:<project>  annotation changes since the last training trigger
+  projects           set of projects we have heard of (the reconcile job walks it)
+  train-job:<project> id of the project's latest training job (coalescing)
+  rerun:<project>    set when a trigger arrives while training runs; the job runs one more round
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue, Retry
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+
+from .errors import RequestError
+from .feedback import FeedbackEvent
+
+PREFIX = "dataengine:"
+TRAIN_FUNC = "training.jobs.run_training_round"
+RECONCILE_FUNC = "training.jobs.reconcile"
+EVENTS_MAXLEN = 100_000
+ACTIVE = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.STARTED}
+
+# Atomically add to the change counter and reset it when it reaches the threshold; returns 1 on trigger.
+_COUNT_AND_TRIGGER = """
+local n = redis.call('INCRBY', KEYS[1], ARGV[1])
+if n >= tonumber(ARGV[2]) then redis.call('SET', KEYS[1], 0) return 1 end
+return 0
+"""
+
+
+class QueueUnavailable(RequestError):
+    status = 503
+
+
+@dataclass(frozen=True)
+class Recorded:
+    event_id: str
+    training_job: str | None  # id of the job this event started or joined, if any
+
+
+def key(*parts: str) -> str:
+    return PREFIX + ":".join(parts)
+
+
+class FeedbackQueue:
+    @classmethod
+    def from_settings(cls, settings) -> "FeedbackQueue":
+        return cls(
+            settings.redis_url,
+            train_every=settings.train_every,
+            job_timeout=settings.job_timeout,
+            queue_name=settings.queue_name,
+            retry_intervals=settings.retry_schedule,
+        )
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        train_every: int,
+        job_timeout: int,
+        queue_name: str = "dataengine",
+        retry_intervals: list[int] | None = None,
+    ):
+        self.redis = Redis.from_url(redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
+        self.queue = Queue(queue_name, connection=self.redis)
+        self.train_every = train_every
+        self.job_timeout = job_timeout
+        self.retry_intervals = retry_intervals if retry_intervals is not None else [10, 60, 300]
+        self._trigger = self.redis.register_script(_COUNT_AND_TRIGGER)
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.redis.ping())
+        except RedisError:
+            return False
+
+    # --- events --------------------------------------------------------------------------------------
+    def record(self, event: FeedbackEvent) -> Recorded:
+        """Store the event and enqueue training when due. Raises QueueUnavailable if Redis is down."""
+        try:
+            event_id = self._append(event)
+            due = event.action == "START_TRAINING" or (
+                event.changes and self._trigger(keys=[key("changes", event.project)], args=[event.changes, self.train_every])
+            )
+            job_id = self.request_training(event.project, reason=event.action) if due else None
+        except RedisError as exc:
+            raise QueueUnavailable(f"Redis is unreachable ({exc.__class__.__name__}): event not recorded, retry later") from exc
+        return Recorded(event_id=event_id, training_job=job_id)
+
+    def _append(self, event: FeedbackEvent) -> str:
+        record = {k: json.dumps(v) for k, v in event.to_record().items()}
+        with self.redis.pipeline() as pipe:
+            pipe.xadd(key("events", event.project), record, maxlen=EVENTS_MAXLEN, approximate=True)
+            pipe.sadd(key("projects"), event.project)
+            event_id, _ = pipe.execute()
+        return event_id.decode() if isinstance(event_id, bytes) else str(event_id)
+
+    def recent_events(self, project: str, limit: int = 100) -> list[dict[str, Any]]:
+        entries = self.redis.xrevrange(key("events", project), count=limit)
+        events = []
+        for event_id, fields in reversed(entries):
+            record = {k.decode(): _decode_field(v) for k, v in fields.items()}
+            record["id"] = event_id.decode()
+            events.append(record)
+        return events
+
+    def event_count(self, project: str) -> int:
+        return int(self.redis.xlen(key("events", project)))
+
+    # --- training jobs -------------------------------------------------------------------------------
+    def request_training(self, project: str, reason: str) -> str:
+        """Enqueue a training round, or join the one already queued/running (coalesced, never lost)."""
+        with self.redis.lock(key("enqueue-lock", project), timeout=10, blocking_timeout=5):
+            current = self._latest_job(project)
+            if current is not None:
+                status = current.get_status(refresh=True)
+                if status == JobStatus.STARTED:
+                    self.redis.set(key("rerun", project), reason)  # the running job does one more round
+                    return current.id
+                if status in ACTIVE:
+                    return current.id  # queued: it will read everything when it starts
+            job = self.queue.enqueue(
+                TRAIN_FUNC,
+                project,
+                reason,
+                job_id=f"train-{project}-{int(time.time() * 1000)}",
+                job_timeout=self.job_timeout,
+                result_ttl=7 * 24 * 3600,
+                failure_ttl=7 * 24 * 3600,
+                retry=Retry(max=len(self.retry_intervals), interval=self.retry_intervals) if self.retry_intervals else None,
+                meta={"project": project, "reason": reason, "kind": "train"},
+                description=f"training round for project {project} ({reason})",
+            )
+            self.redis.set(key("train-job", project), job.id)
+            return job.id
+
+    def _latest_job(self, project: str) -> Job | None:
+        job_id = self.redis.get(key("train-job", project))
+        if not job_id:
+            return None
+        try:
+            return Job.fetch(job_id.decode(), connection=self.redis)
+        except NoSuchJobError:
+            return None
+
+    # --- job views ------------------------------------------------------------------------------------
+    def list_jobs(self, limit: int = 50) -> list[dict[str, Any]]:
+        ids: list[str] = []
+        registries = [
+            self.queue.started_job_registry,
+            self.queue.deferred_job_registry,
+            self.queue.scheduled_job_registry,
+            self.queue.failed_job_registry,
+            self.queue.finished_job_registry,
+        ]
+        ids.extend(self.queue.get_job_ids())
+        for registry in registries:
+            ids.extend(registry.get_job_ids())
+        jobs = [job for job in Job.fetch_many(list(dict.fromkeys(ids)), connection=self.redis) if job is not None]
+        jobs.sort(key=lambda j: j.enqueued_at or j.created_at, reverse=True)
+        return [describe_job(job) for job in jobs[:limit]]
+
+    def get_job(self, job_id: str) -> dict[str, Any] | None:
+        try:
+            return describe_job(Job.fetch(job_id, connection=self.redis))
+        except NoSuchJobError:
+            return None
+
+
+def _decode_field(raw: bytes) -> Any:
+    """Event fields are JSON; events written before that format stay readable as plain text."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode(errors="replace")
+
+
+def describe_job(job: Job) -> dict[str, Any]:
+    status = job.get_status(refresh=False)
+    error = None
+    if status == JobStatus.FAILED:
+        exc_info = job.latest_result().exc_string if job.latest_result() else (job.exc_info or "")
+        error = (exc_info or "").strip().splitlines()[-1] if exc_info else "failed"
+    return {
+        "id": job.id,
+        "function": job.func_name,
+        "status": str(status.value if hasattr(status, "value") else status),
+        "project": job.meta.get("project"),
+        "progress": job.meta.get("progress"),
+        "description": job.description,
+        "enqueued_at": _iso(job.enqueued_at),
+        "started_at": _iso(job.started_at),
+        "ended_at": _iso(job.ended_at),
+        "retries_left": job.retries_left,
+        "error": error,
+    }
+
+
+def _iso(value) -> str | None:
+    return value.isoformat() if value else None

@@ -1,0 +1,27 @@
+"""Reads from Label Studio that the serving side needs (the SDK, never hand-built REST calls)."""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def client(url: str, api_key: str, timeout: float = 10.0):
+    from label_studio_sdk import LabelStudio
+
+    return LabelStudio(base_url=url.rstrip("/"), api_key=api_key, timeout=timeout)
+
+
+def fetch_instructions(url: str, api_key: str, project: str, timeout: float = 3.0) -> str | None:
+    """The project's labeling instructions (`expert_instruction`), or None when Label Studio can't be read.
+
+    Best effort: /setup must answer even when Label Studio is slow or the token lacks access.
+    """
+    if not (url and api_key and project.isdigit()):
+        return None
+    try:
+        project_obj = client(url, api_key, timeout).projects.get(id=int(project))
+    except Exception as exc:  # network, auth and API errors all mean "keep what we had"
+        log.warning("could not read instructions of project %s from %s: %s", project, url, exc)
+        return None
+    return getattr(project_obj, "expert_instruction", None) or ""

@@ -1,0 +1,75 @@
+"""Per-project settings that Label Studio gives us at /setup, kept under MODEL_DIR so that every
+gunicorn worker and backend replica sharing the volume sees the same values."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BadRequest
+
+DEFAULT_PROJECT = "default"
+_PROJECT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass
+class ProjectSettings:
+    candidates: int | None = None  # overrides DATAENGINE_CANDIDATES for this project
+    temperature: float | None = None
+    instructions: str = ""  # the project's expert_instruction, read from Label Studio at /setup
+    label_config: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def project_id_from(value: Any) -> str:
+    """Label Studio sends `project` as an int at /setup and as "<id>.<timestamp>" at /predict."""
+    if value in (None, ""):
+        return DEFAULT_PROJECT
+    project = str(value).split(".", 1)[0]
+    if not _PROJECT_ID.match(project):
+        raise BadRequest(f"'project' must be a Label Studio project id, got {str(value)[:80]!r}")
+    return project
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    """Write-then-rename, so readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ProjectStore:
+    def __init__(self, projects_dir: Path):
+        self.projects_dir = Path(projects_dir)
+        self._cache: dict[str, tuple[float, ProjectSettings]] = {}
+
+    def _path(self, project: str) -> Path:
+        return self.projects_dir / project / "settings.json"
+
+    def get(self, project: str) -> ProjectSettings:
+        path = self._path(project)
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            return ProjectSettings()
+        cached = self._cache.get(project)
+        if cached and cached[0] == mtime:
+            return cached[1]
+        data = json.loads(path.read_text(encoding="utf-8"))
+        known = {k: v for k, v in data.items() if k in ProjectSettings.__dataclass_fields__}
+        settings = ProjectSettings(**known)
+        self._cache[project] = (mtime, settings)
+        return settings
+
+    def save(self, project: str, settings: ProjectSettings) -> None:
+        atomic_write_json(self._path(project), asdict(settings))

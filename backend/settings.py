@@ -1,0 +1,95 @@
+"""Configuration from the environment (Label Studio ML backend conventions + DATAENGINE_* for our own).
+
+Every variable is documented in the README's "Configuration" table; keep the two in step.
+"""
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_engine_python() -> str:
+    """The engine venv that scripts/setup.sh creates next to the app venv."""
+    return str(Path(sys.prefix).parent / ".venv-engine" / "bin" / "python")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DATAENGINE_", extra="ignore", populate_by_name=True)
+
+    # Label Studio conventions (no prefix)
+    label_studio_url: str = Field("", validation_alias="LABEL_STUDIO_URL")
+    label_studio_api_key: str = Field("", validation_alias="LABEL_STUDIO_API_KEY")
+    basic_auth_user: str = Field("", validation_alias="BASIC_AUTH_USER")
+    basic_auth_pass: str = Field("", validation_alias="BASIC_AUTH_PASS")
+    model_dir: Path = Field(Path("./.dataengine"), validation_alias="MODEL_DIR")
+    host: str = Field("0.0.0.0", validation_alias=AliasChoices("DATAENGINE_HOST", "HOST"))
+    port: int = Field(9090, validation_alias=AliasChoices("DATAENGINE_PORT", "PORT"))
+    redis_url: str = Field("redis://localhost:6379/0", validation_alias="REDIS_URL")
+
+    # model and engine
+    model: str = "Qwen/Qwen2.5-0.5B-Instruct"
+    served_model_name: str = ""  # defaults to the basename of `model`
+    engine_url: str = ""  # an existing vLLM OpenAI server; empty: `dataengine serve` starts one
+    engine_python: str = Field(default_factory=_default_engine_python)
+    engine_port: int = 8000
+    engine_dtype: str = "bfloat16"
+    engine_max_model_len: int = 4096
+    engine_extra_args: str = ""  # appended verbatim to the vLLM command line
+    engine_start_timeout: float = 600.0
+    engine_request_timeout: float = 90.0  # Label Studio gives up on /predict after 100 s
+    max_lora_rank: int = 16
+
+    # candidates
+    candidates: int = Field(4, ge=1, le=32)  # N predictions per task
+    temperature: float = Field(1.0, gt=0.0, le=2.0)
+    enumerate_max: int = Field(16, ge=0, le=20)  # closed sets up to this size are scored exhaustively (vLLM returns <= 20 logprobs)
+    span_enumerate_max: int = Field(600, ge=0)  # NER: constrain entity strings to the text's n-grams
+    max_text_chars: int = Field(50_000, ge=1)  # per data field; bigger tasks get 413
+    max_new_tokens: int = Field(1024, ge=16)  # cap; the constraint's own bound is usually lower
+    textarea_max_chars: int = Field(400, ge=1)
+    max_entities: int = Field(16, ge=1)
+    rm_weight: float = Field(0.8, ge=0.0, le=1.0)  # share of the reward model in the reranked score
+    predict_concurrency: int = Field(16, ge=1)  # tasks of one /predict sent to the engine at once
+
+    # feedback loop
+    webhook_secret: str = ""  # required in the X-Dataengine-Secret header of /webhook when set
+    train_every: int = Field(50, ge=1)  # new/changed annotations per project that trigger a training round
+    reconcile_interval: int = Field(600, ge=0)  # seconds between reconcile passes (0 = off)
+    job_timeout: int = Field(6 * 3600, ge=1)
+    retry_intervals: str = "10,60,300"  # seconds between retries of a failed training job (one per retry)
+    queue_name: str = "dataengine"
+    run_worker: bool = True  # `dataengine serve` also starts an RQ worker (set 0 when workers run elsewhere)
+
+    # training rounds
+    rm_base: str = ""  # reward-model base: a local path or hub id; empty = the bundled MiniLM encoder on CPU
+    policy_algo: str = Field("auto", pattern="^(auto|grpo|rloo|dpo|none)$")  # auto: grpo on GPU, none on CPU
+    min_pairs: int = Field(8, ge=1)  # fewer preference pairs than this: no training this round
+    promote_margin: float = Field(0.0, ge=0.0, le=1.0)  # candidate may be this much worse and still promote
+    eval_min_tasks: int = Field(5, ge=0)  # fewer held-out tasks: promote without an evaluation (recorded)
+
+    # HTTP server
+    workers: int = Field(2, ge=1)
+    threads: int = Field(8, ge=1)
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    log_level: str = "INFO"
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model.rstrip("/")).name
+
+    @property
+    def retry_schedule(self) -> list[int]:
+        return [int(part) for part in self.retry_intervals.split(",") if part.strip()]
+
+    @property
+    def projects_dir(self) -> Path:
+        return self.model_dir / "projects"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

