@@ -25,6 +25,7 @@ from training.policy import (
     ADAPTER_FILES,
     LORA_TARGETS,
     PolicySettings,
+    load_causal_lm,
     PolicyTrainingError,
     prompt_text,
     resolve_algo,
@@ -154,7 +155,7 @@ def test_rl_raises_a_learnable_reward(tiny_model_dir, tmp_path, config, algo, sf
 def test_dpo_from_pairs_writes_a_loadable_adapter(tiny_model_dir, tmp_path, config):
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     # Annotators always preferred "Negative" here: a preference the random policy can learn in a few steps
     # (task-dependent labels need a model that can read the task).
@@ -182,7 +183,7 @@ def test_dpo_from_pairs_writes_a_loadable_adapter(tiny_model_dir, tmp_path, conf
     _assert_adapter(result.adapter_path)
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base = load_causal_lm(str(tiny_model_dir), torch.float32)
     inputs = tokenizer.apply_chat_template(pairs[0].prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         before = base(**inputs).logits[0, -1].clone()
@@ -282,3 +283,22 @@ def _label_of(raw: str) -> str | None:
         return json.loads(raw).get("sentiment")
     except (ValueError, AttributeError):
         return None
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def test_a_tied_lm_head_left_on_meta_is_tied_on_load(tiny_model_dir):
+    """transformers 5 left the tied lm_head on the meta device once in a long session; the loader repairs it."""
+    import torch
+
+    from training.policy import _materialize_tied_embeddings
+
+    model = load_causal_lm(str(tiny_model_dir), torch.float32)
+    model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight, device="meta"))
+    _materialize_tied_embeddings(model, str(tiny_model_dir))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+    model.model.norm.weight = torch.nn.Parameter(torch.empty_like(model.model.norm.weight, device="meta"))
+    with pytest.raises(PolicyTrainingError, match="model.norm.weight"):
+        _materialize_tied_embeddings(model, str(tiny_model_dir))

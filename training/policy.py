@@ -167,15 +167,14 @@ def train_policy(
 def _load(base_model: str, settings: PolicySettings):
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
         raise PolicyTrainingError(f"{base_model}: the tokenizer has no chat template; the policy is trained on chat prompts")
-    dtype = torch.bfloat16 if settings.bf16 else torch.float32
-    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
+    base = load_causal_lm(base_model, torch.bfloat16 if settings.bf16 else torch.float32)
     lora = LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
@@ -188,6 +187,41 @@ def _load(base_model: str, settings: PolicySettings):
     model = get_peft_model(base, lora)
     model.peft_config["default"].base_model_name_or_path = str(base_model)
     return tokenizer, model
+
+
+def load_causal_lm(base_model: str, dtype):
+    """`AutoModelForCausalLM.from_pretrained`, with every weight guaranteed off the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
+    _materialize_tied_embeddings(model, base_model)
+    return model
+
+
+def _checkpoint_ties_embeddings(base_model: str) -> bool:
+    """What the checkpoint's own config.json says, read as JSON: independent of transformers' in-process state."""
+    config_path = Path(base_model) / "config.json"
+    if not config_path.is_file():
+        return False
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    text_config = config.get("text_config") or {}
+    return bool(config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", False)))
+
+
+def _materialize_tied_embeddings(model, base_model: str) -> None:
+    """transformers 5 sometimes leaves a tied `lm_head` on the meta device after `from_pretrained` (seen in a long
+    test session: "lm_head.weight | MISSING", then "Cannot copy out of meta tensor" in the trainer). When the
+    checkpoint ties embeddings, tie them here; any other parameter left on meta is a broken checkpoint."""
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.device.type == "meta" and _checkpoint_ties_embeddings(base_model):
+        log.warning(
+            "%s: output embeddings were not tied on load (config.tie_word_embeddings=%s, _tied_weights_keys=%s); tying them",
+            base_model, getattr(model.config, "tie_word_embeddings", None), getattr(type(model), "_tied_weights_keys", None),
+        )
+        output.weight = model.get_input_embeddings().weight
+    on_meta = [name for name, param in model.named_parameters() if param.device.type == "meta"]
+    if on_meta:
+        raise PolicyTrainingError(f"{base_model}: these weights were not loaded from the checkpoint: {on_meta[:5]}")
 
 
 def save_adapter(model, out_dir: Path) -> Path:
