@@ -33,10 +33,13 @@ class SampleOutcome:
     invalid: int
 
 
-def canonical_key(result: list[dict[str, Any]]) -> str:
-    """Identity of a result for merging: content only, region ids and order ignored."""
-    regions = [{k: v for k, v in region.items() if k != "id"} for region in result]
-    return json.dumps(sorted(json.dumps(r, sort_keys=True) for r in regions))
+REGION_CONTENT = ("from_name", "to_name", "type", "value")
+
+
+def canonical_key(result: Any) -> str:
+    """Identity of a result: region content only; region ids, order and UI fields (`origin`, scores) ignored."""
+    regions = [{k: r.get(k) for k in REGION_CONTENT} for r in result if isinstance(r, dict)] if isinstance(result, list) else []
+    return json.dumps(sorted(json.dumps(r, sort_keys=True, default=str) for r in regions))
 
 
 def rank_samples(samples: list[Sample], parse: Callable[[str], list[dict[str, Any]]]) -> SampleOutcome:

@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from backend.candidates import canonical_key
+from backend.candidates import REGION_CONTENT, canonical_key
 from backend.errors import InvalidTaskData, UnsupportedLabelConfig
 from backend.label_config import CompiledConfig, compile_label_config, html_to_text
 from backend.prompts import build_messages
@@ -37,7 +37,6 @@ COUNT_KEYS = (
     "tasks", "annotations", "cancelled", "empty", "excluded_annotations", "invalid_tasks",
     "ties", "dropped_low_agreement", "pairs", "sft",
 )
-_REGION_KEYS = ("from_name", "to_name", "type", "value")
 
 
 # --- domain objects --------------------------------------------------------------------------------
@@ -306,7 +305,7 @@ def load_project(label_config_xml: str, instructions: str = "") -> Project:
 
 def _region_content(region: dict[str, Any]) -> dict[str, Any]:
     """A region without what Label Studio adds around the content (id, origin, score, readonly...)."""
-    return {key: region[key] for key in _REGION_KEYS if key in region}
+    return {key: region[key] for key in REGION_CONTENT if key in region}
 
 
 class AnswerProject(Project):
