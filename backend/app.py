@@ -8,9 +8,10 @@ import time
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
+from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
-from . import label_studio, metrics
+from . import label_studio, metrics, quality
 from .engine_client import EngineClient
 from .errors import BadRequest, RequestError
 from .feedback import HANDLED_ACTIONS, parse_webhook
@@ -187,6 +188,7 @@ def _install_routes(app: Flask, services: Services) -> None:
         )
         results = services.predictor.predict(predict_request)
         metrics.TASKS.inc(len(tasks))
+        quality.remember_served(services.queue.redis, project, tasks, results, predict_request.version.name)
         if params.get("context") is not None:
             # Interactive pre-annotation: Label Studio hands results[0] to its UI, which reads `.result`
             # of ONE prediction; batch retrieval (context null) stores the whole ranked list.
@@ -196,9 +198,11 @@ def _install_routes(app: Flask, services: Services) -> None:
     @app.post("/webhook")
     def webhook():
         _check_webhook_secret(settings.webhook_secret)
-        event = parse_webhook(read_json_object())
-        metrics.WEBHOOK_EVENTS.labels(event.action).inc()
+        payload = read_json_object()
+        event = parse_webhook(payload)
+        metrics.count_webhook(event.action)
         recorded = services.queue.record(event)
+        _observe_quality(services, event.project, payload)
         body = {"status": "ok", "event": recorded.event_id, "training_job": recorded.training_job}
         if event.action not in HANDLED_ACTIONS:
             body["note"] = f"event {event.action} recorded; it does not affect training"
@@ -233,8 +237,16 @@ def _install_routes(app: Flask, services: Services) -> None:
 
     @app.get("/metrics")
     def prometheus_metrics():
-        payload, content_type = metrics.render()
+        payload, content_type = metrics.render(services.queue.redis, settings.queue_name)
         return Response(payload, content_type=content_type)
+
+
+def _observe_quality(services: Services, project: str, payload: dict[str, Any]) -> None:
+    """The quality signal is bookkeeping: it never fails a webhook that was recorded."""
+    try:
+        quality.observe_annotations(services.queue.redis, project, payload)
+    except (RedisError, ValueError) as exc:
+        log.warning("quality signal: annotation outcome not counted: %s", exc)
 
 
 def _empty_prediction(model_version: str) -> dict[str, Any]:

@@ -9,13 +9,10 @@ import subprocess
 import sys
 import tempfile
 
+from .logs import configure_logging, gunicorn_logconfig
 from .settings import Settings, get_settings
 
 log = logging.getLogger("dataengine")
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def serve(settings: Settings) -> int:
@@ -65,6 +62,9 @@ def run_gunicorn(settings: Settings) -> None:
             self.cfg.set("timeout", int(settings.engine_request_timeout) + 30)
             self.cfg.set("loglevel", settings.log_level.lower())
             self.cfg.set("accesslog", "-")
+            logconfig = gunicorn_logconfig(settings.log_level, settings.log_format)
+            if logconfig:
+                self.cfg.set("logconfig_dict", logconfig)
 
         def load(self):
             return create_app(get_settings())
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dataengine")
     add_serving_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    configure_logging(get_settings().log_level)
+    configure_logging(get_settings().log_level, get_settings().log_format)
     return run_serving_command(args) or 0
 
 

@@ -1,16 +1,43 @@
-"""Prometheus metrics. Under gunicorn with several workers set PROMETHEUS_MULTIPROC_DIR (`dataengine
-serve` does) so /metrics aggregates every worker."""
+"""Prometheus metrics for operations.
+
+Two kinds, by where the numbers live:
+
+* Per-process counters and histograms (requests, latency, candidates, webhook events, annotation
+  outcomes): prometheus-client objects in the backend. Under gunicorn with several workers set
+  PROMETHEUS_MULTIPROC_DIR (`dataengine serve` does) so /metrics aggregates every worker. Several backend
+  replicas are several scrape targets: sum them in PromQL.
+* Cluster-wide state read from Redis at scrape time (`RedisCollector`): RQ queue depth and training-job
+  durations/outcomes. Training runs in the RQ worker, another process and usually another host, and RQ
+  forks a work horse per job, so an in-process counter there would die with the horse. The worker adds
+  each finished job to a Redis hash (`record_training_job`) and every backend replica reports the same
+  totals from it: take `max` across replicas, not `sum`. A scrape never fails because Redis is down:
+  `dataengine_redis_up` drops to 0 and the Redis-backed series are left out.
+
+Production quality signal: `dataengine_annotations_total{project, model_version, outcome}` counts created
+annotations by whether they kept the top candidate unchanged (`top`), another candidate unchanged
+(`candidate`) or neither (`edited`); see backend/quality.py. Share of top-candidate accepts per version:
+  sum by (model_version) (rate(dataengine_annotations_total{outcome="top"}[1h]))
+    / sum by (model_version) (rate(dataengine_annotations_total[1h]))
+"""
 from __future__ import annotations
 
+import logging
 import os
+from typing import Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import REGISTRY, CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import multiprocess
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue, Worker
+
+log = logging.getLogger(__name__)
 
 REQUESTS = Counter("dataengine_requests_total", "HTTP requests", ["endpoint", "status"])
 LATENCY = Histogram(
     "dataengine_request_latency_seconds",
-    "HTTP request latency",
+    "HTTP request latency (endpoint=\"predict\" is the pre-annotation latency Label Studio sees)",
     ["endpoint"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 100),
 )
@@ -18,11 +45,112 @@ CANDIDATES = Counter("dataengine_candidates_total", "Predictions returned to Lab
 INVALID_CANDIDATES = Counter("dataengine_invalid_candidates_total", "Engine samples dropped as invalid")
 WEBHOOK_EVENTS = Counter("dataengine_webhook_events_total", "Label Studio webhook events received", ["action"])
 TASKS = Counter("dataengine_predicted_tasks_total", "Tasks pre-annotated")
+ANNOTATIONS = Counter(
+    "dataengine_annotations_total",
+    "Created annotations of tasks this backend pre-annotated, by whether they kept a candidate unchanged",
+    ["project", "model_version", "outcome"],
+)
+
+# Label Studio's webhook actions (1.23); anything else is counted as "other", so that a caller cannot
+# create one time series per made-up action name.
+WEBHOOK_ACTIONS = frozenset({
+    "PROJECT_CREATED", "PROJECT_UPDATED", "PROJECT_DELETED", "TASKS_CREATED", "TASKS_DELETED",
+    "ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
+    "LABEL_LINK_CREATED", "LABEL_LINK_UPDATED", "LABEL_LINK_DELETED", "START_TRAINING",
+})
+
+# --- training jobs, recorded by the worker in Redis ---------------------------------------------------
+TRAINING_KEY = "dataengine:metrics:training:"  # + outcome -> hash {count, sum, le:<bound>...}
+TRAINING_OUTCOMES = ("promoted", "rejected", "skipped", "failed")
+TRAINING_BUCKETS = (10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0)
 
 
-def render() -> tuple[bytes, str]:
+def count_webhook(action: str) -> None:
+    WEBHOOK_EVENTS.labels(action if action in WEBHOOK_ACTIONS else "other").inc()
+
+
+def record_training_job(redis: Redis, outcome: str, seconds: float) -> None:
+    """Add one finished training job to the Redis-held histogram (called by the worker)."""
+    if outcome not in TRAINING_OUTCOMES:
+        raise ValueError(f"unknown training outcome {outcome!r}; expected one of {TRAINING_OUTCOMES}")
+    name = TRAINING_KEY + outcome
+    with redis.pipeline() as pipe:  # MULTI/EXEC: a scrape never sees half an update
+        pipe.hincrby(name, "count", 1)
+        pipe.hincrbyfloat(name, "sum", seconds)
+        for bound in TRAINING_BUCKETS:
+            if seconds <= bound:
+                pipe.hincrby(name, f"le:{bound}", 1)
+        pipe.execute()
+
+
+class RedisCollector:
+    """Reads queue depth and training-job totals from Redis at scrape time."""
+
+    def __init__(self, redis: Redis, queue_name: str):
+        self.redis = redis
+        self.queue_name = queue_name
+
+    def describe(self) -> list[Metric]:
+        return []  # never touch Redis at registration
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("dataengine_redis_up", "1 if Redis answered during this scrape")
+        try:
+            families = [self._queue_families(), self._training_family()]
+        except RedisError as exc:
+            log.warning("metrics: Redis unreachable, queue and training metrics left out: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        for family in families:
+            yield from family
+
+    def _queue_families(self) -> list[Metric]:
+        queue = Queue(self.queue_name, connection=self.redis)
+        jobs = GaugeMetricFamily(
+            "dataengine_queue_jobs", "RQ jobs by state (state=\"queued\" is the queue depth)", labels=["queue", "state"]
+        )
+        counts = {
+            "queued": queue.count,
+            # cleanup=False: a scrape only reads; RQ's own maintenance moves abandoned jobs.
+            "started": queue.started_job_registry.get_job_count(cleanup=False),
+            "scheduled": queue.scheduled_job_registry.get_job_count(cleanup=False),
+            "deferred": queue.deferred_job_registry.get_job_count(cleanup=False),
+            "failed": queue.failed_job_registry.get_job_count(cleanup=False),
+        }
+        for state, value in counts.items():
+            jobs.add_metric([self.queue_name, state], value)
+        workers = GaugeMetricFamily("dataengine_queue_workers", "RQ workers listening on the queue", labels=["queue"])
+        workers.add_metric([self.queue_name], Worker.count(connection=self.redis, queue=queue))
+        return [jobs, workers]
+
+    def _training_family(self) -> list[Metric]:
+        family = HistogramMetricFamily(
+            "dataengine_training_job_duration_seconds",
+            "Training jobs run by the workers, by outcome (promoted, rejected, skipped, failed)",
+            labels=["outcome"],
+        )
+        with self.redis.pipeline(transaction=False) as pipe:
+            for outcome in TRAINING_OUTCOMES:
+                pipe.hgetall(TRAINING_KEY + outcome)
+            stored = pipe.execute()
+        for outcome, raw in zip(TRAINING_OUTCOMES, stored):
+            fields = {k.decode(): float(v) for k, v in raw.items()}
+            count = fields.get("count", 0.0)
+            buckets = [(str(bound), fields.get(f"le:{bound}", 0.0)) for bound in TRAINING_BUCKETS] + [("+Inf", count)]
+            family.add_metric([outcome], buckets, fields.get("sum", 0.0))
+        return [family]
+
+
+def render(redis: Redis | None = None, queue_name: str = "dataengine") -> tuple[bytes, str]:
+    """The /metrics payload: this process's (or every gunicorn worker's) metrics plus Redis-held state."""
+    registry = CollectorRegistry(auto_describe=False)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
+    else:
+        registry.register(REGISTRY)
+    if redis is not None:
+        registry.register(RedisCollector(redis, queue_name))
+    return generate_latest(registry), CONTENT_TYPE_LATEST

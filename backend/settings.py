@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     threads: int = Field(8, ge=1)
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     log_level: str = "INFO"
+    log_format: str = Field("text", pattern="^(text|json)$")  # json: one JSON object per log line
 
     @property
     def model_name(self) -> str:

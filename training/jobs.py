@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import get_current_job
 
 from backend.jobs import FeedbackQueue, key
+from backend.metrics import record_training_job
 from backend.settings import Settings, get_settings
 
 from .export import export_project
@@ -38,15 +40,37 @@ def report_progress(stage: str, **detail: Any) -> None:
 def run_training_round(project: str, reason: str = "manual", settings: Settings | None = None) -> dict[str, Any]:
     settings = settings or get_settings()
     redis = Redis.from_url(settings.redis_url)
-    with redis.lock(key("train-lock", project), timeout=settings.job_timeout, blocking_timeout=settings.job_timeout):
-        rounds = []
-        for _ in range(MAX_ROUNDS_PER_JOB):
-            redis.delete(key("rerun", project))
-            rounds.append(_one_round(project, settings, redis))
-            if not redis.get(key("rerun", project)):
-                break
-            report_progress("rerun", reason="feedback arrived during the round")
+    started = time.monotonic()
+    outcome = "failed"
+    try:
+        with redis.lock(key("train-lock", project), timeout=settings.job_timeout, blocking_timeout=settings.job_timeout):
+            rounds = []
+            for _ in range(MAX_ROUNDS_PER_JOB):
+                redis.delete(key("rerun", project))
+                rounds.append(_one_round(project, settings, redis))
+                if not redis.get(key("rerun", project)):
+                    break
+                report_progress("rerun", reason="feedback arrived during the round")
+        outcome = job_outcome(rounds)
+    finally:
+        _record_metrics(redis, outcome, time.monotonic() - started)
     return {"project": project, "reason": reason, "rounds": rounds}
+
+
+def job_outcome(rounds: list[dict[str, Any]]) -> str:
+    """promoted if any round promoted a version; else what the last round did (rejected or skipped)."""
+    learned = [r.get("learning") or {} for r in rounds]
+    if any(step.get("promoted") for step in learned):
+        return "promoted"
+    return "skipped" if not learned or "skipped" in learned[-1] else "rejected"
+
+
+def _record_metrics(redis: Redis, outcome: str, seconds: float) -> None:
+    """Job duration and outcome for /metrics (held in Redis: see backend/metrics.py). Never fails the job."""
+    try:
+        record_training_job(redis, outcome, seconds)
+    except RedisError as exc:  # Redis down: the job's own result matters more than its metric
+        log.warning("could not record training-job metrics: %s", exc)
 
 
 def _one_round(project: str, settings: Settings, redis: Redis) -> dict[str, Any]:
