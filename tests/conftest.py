@@ -92,6 +92,19 @@ def client(app):
     return app.test_client()
 
 
+@contextlib.contextmanager
+def flushed_redis(url: str):
+    """A connection to the real Redis database `url`, emptied before and after use (each test file owns one)."""
+    from redis import Redis
+
+    connection = Redis.from_url(url)
+    connection.flushdb()
+    try:
+        yield connection
+    finally:
+        connection.flushdb()
+
+
 def shipped_configs() -> list[str]:
     return sorted(p.stem for p in LABEL_CONFIGS.glob("*.xml"))
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from redis import Redis
 
 from backend import metrics, quality
 from backend.app import create_app
 from backend.engine_client import EngineClient
-from tests.conftest import load_config, make_settings
+from tests.conftest import flushed_redis, load_config, make_settings
 
 REDIS_URL = "redis://127.0.0.1:6379/10"  # its own database (e2e uses 11 and 12, test_webhook 13), flushed per test
 DOWN_URL = "redis://127.0.0.1:1/0"
@@ -18,10 +17,8 @@ DOWN_URL = "redis://127.0.0.1:1/0"
 
 @pytest.fixture
 def redis():
-    connection = Redis.from_url(REDIS_URL)
-    connection.flushdb()
-    yield connection
-    connection.flushdb()
+    with flushed_redis(REDIS_URL) as connection:
+        yield connection
 
 
 @pytest.fixture(autouse=True)

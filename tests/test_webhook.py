@@ -2,24 +2,21 @@
 from __future__ import annotations
 
 import pytest
-from redis import Redis
 from rq.job import Job
 
 from backend.app import create_app
 from backend.engine_client import EngineClient
 from backend.feedback import parse_webhook
 from backend.errors import BadRequest
-from tests.conftest import make_settings
+from tests.conftest import flushed_redis, make_settings
 
 REDIS_URL = "redis://127.0.0.1:6379/13"  # a database of its own, flushed per test
 
 
 @pytest.fixture
 def redis():
-    connection = Redis.from_url(REDIS_URL)
-    connection.flushdb()
-    yield connection
-    connection.flushdb()
+    with flushed_redis(REDIS_URL) as connection:
+        yield connection
 
 
 def app_client(tmp_path, **overrides):
