@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
-from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
 from . import label_studio, metrics, quality
@@ -201,8 +200,9 @@ def _install_routes(app: Flask, services: Services) -> None:
         payload = read_json_object()
         event = parse_webhook(payload)
         metrics.count_webhook(event.action)
-        recorded = services.queue.record(event)
-        _observe_quality(services, event.project, payload)
+        created = quality.created_annotations(payload)
+        recorded = services.queue.record(event, read_keys=[a.served_key(event.project) for a in created])
+        _count_quality(event.project, created, recorded.read_values)
         body = {"status": "ok", "event": recorded.event_id, "training_job": recorded.training_job}
         if event.action not in HANDLED_ACTIONS:
             body["note"] = f"event {event.action} recorded; it does not affect training"
@@ -241,11 +241,11 @@ def _install_routes(app: Flask, services: Services) -> None:
         return Response(payload, content_type=content_type)
 
 
-def _observe_quality(services: Services, project: str, payload: dict[str, Any]) -> None:
+def _count_quality(project: str, created: list[quality.CreatedAnnotation], served: list) -> None:
     """The quality signal is bookkeeping: it never fails a webhook that was recorded."""
     try:
-        quality.observe_annotations(services.queue.redis, project, payload)
-    except (RedisError, ValueError) as exc:
+        quality.count_outcomes(project, created, served)
+    except ValueError as exc:
         log.warning("quality signal: annotation outcome not counted: %s", exc)
 
 

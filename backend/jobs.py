@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -46,6 +46,7 @@ class QueueUnavailable(RequestError):
 class Recorded:
     event_id: str
     training_job: str | None  # id of the job this event started or joined, if any
+    read_values: list = field(default_factory=list)  # values of the keys `record` was asked to read
 
 
 def key(*parts: str) -> str:
@@ -77,7 +78,6 @@ class FeedbackQueue:
         self.train_every = train_every
         self.job_timeout = job_timeout
         self.retry_intervals = retry_intervals if retry_intervals is not None else [10, 60, 300]
-        self._trigger = self.redis.register_script(_COUNT_AND_TRIGGER)
 
     def ping(self) -> bool:
         try:
@@ -86,25 +86,35 @@ class FeedbackQueue:
             return False
 
     # --- events --------------------------------------------------------------------------------------
-    def record(self, event: FeedbackEvent) -> Recorded:
-        """Store the event and enqueue training when due. Raises QueueUnavailable if Redis is down."""
+    def record(self, event: FeedbackEvent, read_keys: Sequence[str] = ()) -> Recorded:
+        """Store the event and enqueue training when due. Raises QueueUnavailable if Redis is down.
+
+        `read_keys` are read (MGET) in the same round trip, for bookkeeping that needs them (quality signal):
+        a webhook costs one round trip to Redis unless it starts a training job."""
         try:
-            event_id = self._append(event)
-            due = event.action == "START_TRAINING" or (
-                event.changes and self._trigger(keys=[key("changes", event.project)], args=[event.changes, self.train_every])
-            )
+            event_id, triggered, values = self._append(event, list(read_keys))
+            due = event.action == "START_TRAINING" or triggered
             job_id = self.request_training(event.project, reason=event.action) if due else None
         except RedisError as exc:
             raise QueueUnavailable(f"Redis is unreachable ({exc.__class__.__name__}): event not recorded, retry later") from exc
-        return Recorded(event_id=event_id, training_job=job_id)
+        return Recorded(event_id=event_id, training_job=job_id, read_values=values)
 
-    def _append(self, event: FeedbackEvent) -> str:
+    def _append(self, event: FeedbackEvent, read_keys: list[str]) -> tuple[str, bool, list]:
+        """(event id, training due, values of `read_keys`). No MULTI/EXEC: if the connection drops halfway, the
+        event may be stored and its changes not counted, which the periodic reconcile makes up for.
+        EVAL, not EVALSHA: a pipeline holding a registered script first asks Redis whether it knows it."""
         record = {k: json.dumps(v) for k, v in event.to_record().items()}
-        with self.redis.pipeline() as pipe:
+        with self.redis.pipeline(transaction=False) as pipe:
             pipe.xadd(key("events", event.project), record, maxlen=EVENTS_MAXLEN, approximate=True)
             pipe.sadd(key("projects"), event.project)
-            event_id, _ = pipe.execute()
-        return event_id.decode() if isinstance(event_id, bytes) else str(event_id)
+            if read_keys:
+                pipe.mget(read_keys)
+            if event.changes:
+                pipe.eval(_COUNT_AND_TRIGGER, 1, key("changes", event.project), event.changes, self.train_every)
+            event_id, _, *rest = pipe.execute()
+        values = rest.pop(0) if read_keys else []
+        event_id = event_id.decode() if isinstance(event_id, bytes) else str(event_id)
+        return event_id, bool(rest and rest[0]), values
 
     def recent_events(self, project: str, limit: int = 100) -> list[dict[str, Any]]:
         entries = self.redis.xrevrange(key("events", project), count=limit)

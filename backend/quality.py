@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
@@ -64,32 +65,45 @@ def remember_served(redis: Redis, project: str, tasks: list[Any], ranked: list[l
         log.warning("quality signal: cannot record served candidates (%s); retrying in %.0f s", exc, REDIS_BACKOFF_S)
 
 
-def observe_annotations(redis: Redis, project: str, body: dict[str, Any]) -> int:
-    """Count the outcome of each created annotation in a webhook payload; returns how many were counted."""
+@dataclass(frozen=True)
+class CreatedAnnotation:
+    task_id: int
+    result: Any
+
+    def served_key(self, project: str) -> str:
+        return f"{SERVED_KEY}{project}:{self.task_id}"
+
+
+def created_annotations(body: dict[str, Any]) -> list[CreatedAnnotation]:
+    """The annotations a webhook payload creates (cancelled/skipped ones excluded), with their task ids."""
     if body.get("action") not in CREATED_ACTIONS:
-        return 0
+        return []
     annotations = body.get("annotations", body.get("annotation"))
     annotations = [annotations] if isinstance(annotations, dict) else annotations
     task = body.get("task")
     default_task = task.get("id") if isinstance(task, dict) else None
-    pairs = []
+    created = []
     for annotation in annotations if isinstance(annotations, list) else []:
         if not isinstance(annotation, dict) or annotation.get("was_cancelled"):
             continue
         task_id = annotation.get("task") if isinstance(annotation.get("task"), int) else default_task
         if isinstance(task_id, int) and not isinstance(task_id, bool):
-            pairs.append((task_id, annotation.get("result")))
-    if not pairs:
-        return 0
-    served = redis.mget([f"{SERVED_KEY}{project}:{task_id}" for task_id, _ in pairs])
+            created.append(CreatedAnnotation(task_id, annotation.get("result")))
+    return created
+
+
+def count_outcomes(project: str, created: list[CreatedAnnotation], served: list[bytes | None]) -> int:
+    """Count top/candidate/edited for each annotation whose task we served (`served`: the stored records,
+    read by the caller, in the order of `created`); returns how many were counted."""
     counted = 0
-    for (_, result), raw in zip(pairs, served):
+    for annotation, raw in zip(created, served):
         if raw is None:
             continue
         record = json.loads(raw)
         candidates = record.get("candidates") or []
-        mark = fingerprint(result)
+        mark = fingerprint(annotation.result)
         outcome = "top" if candidates[:1] == [mark] else "candidate" if mark in candidates else "edited"
         metrics.ANNOTATIONS.labels(project, record.get("version", ""), outcome).inc()
         counted += 1
     return counted
+
