@@ -14,6 +14,7 @@ from . import label_studio, metrics, quality
 from .engine_client import EngineClient
 from .errors import BadRequest, RequestError
 from .feedback import HANDLED_ACTIONS, parse_webhook
+from .images import LabelStudioAccess
 from .jobs import FeedbackQueue
 from .label_config import compile_label_config
 from .predictor import PredictRequest, Predictor
@@ -158,6 +159,8 @@ def _install_routes(app: Flask, services: Services) -> None:
             instructions=stored.instructions if instructions is None else instructions,
             label_config=schema or "",
             extra={**stored.extra, **overrides},
+            label_studio_hostname=str(body.get("hostname") or stored.label_studio_hostname),
+            label_studio_token=str(body.get("access_token") or stored.label_studio_token),
         )
         if updated != stored:
             services.projects.save(project, updated)
@@ -184,15 +187,23 @@ def _install_routes(app: Flask, services: Services) -> None:
             candidates=overrides.get("candidates") or stored.candidates or settings.candidates,
             temperature=overrides.get("temperature") or stored.temperature or settings.temperature,
             instructions=stored.instructions,
+            label_studio=_label_studio_access(settings, stored),
         )
-        results = services.predictor.predict(predict_request)
-        metrics.TASKS.inc(len(tasks))
+        outcome = services.predictor.predict_each(predict_request)
+        if len(outcome.failures) == len(tasks):  # nothing to pre-annotate: answer with the (first) task's 4xx
+            first = outcome.failures[0].error
+            return jsonify(error=first.message, errors=[f.as_dict() for f in outcome.failures]), first.status
+        results = outcome.predictions
+        metrics.TASKS.inc(len(tasks) - len(outcome.failures))
         quality.remember_served(services.queue.redis, project, tasks, results, predict_request.version.name)
         if params.get("context") is not None:
             # Interactive pre-annotation: Label Studio hands results[0] to its UI, which reads `.result`
             # of ONE prediction; batch retrieval (context null) stores the whole ranked list.
             results = [ranked[0] if ranked else _empty_prediction(predict_request.version.name) for ranked in results]
-        return jsonify(results=results, model_version=predict_request.version.name)
+        body = {"results": results, "model_version": predict_request.version.name}
+        if outcome.failures:  # per task: those tasks get no predictions, the others do
+            body["errors"] = [f.as_dict() for f in outcome.failures]
+        return jsonify(body)
 
     @app.post("/webhook")
     def webhook():
@@ -247,6 +258,14 @@ def _count_quality(project: str, created: list[quality.CreatedAnnotation], serve
         quality.count_outcomes(project, created, served)
     except ValueError as exc:
         log.warning("quality signal: annotation outcome not counted: %s", exc)
+
+
+def _label_studio_access(settings: Settings, stored: ProjectSettings) -> LabelStudioAccess:
+    """Configured LABEL_STUDIO_URL / _API_KEY win over what /setup sent; only a configured URL is trusted
+    by the images' SSRF guard (a /setup body cannot point the backend at a private host)."""
+    url = settings.label_studio_url or stored.label_studio_hostname
+    token = settings.label_studio_api_key or stored.label_studio_token
+    return LabelStudioAccess(url=url, token=token, trusted=bool(settings.label_studio_url))
 
 
 def _empty_prediction(model_version: str) -> dict[str, Any]:

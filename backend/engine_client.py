@@ -87,7 +87,7 @@ class EngineClient:
     # --- sampling ----------------------------------------------------------------------------------
     def sample(
         self,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         schema: dict[str, Any],
         *,
         n: int,
@@ -109,7 +109,7 @@ class EngineClient:
         return [_sample_from_choice(choice) for choice in body.get("choices", [])]
 
     # --- exhaustive scoring ------------------------------------------------------------------------
-    def score_letters(self, messages: list[dict[str, str]], letters: list[str], *, model: str | None = None) -> list[float]:
+    def score_letters(self, messages: list[dict[str, Any]], letters: list[str], *, model: str | None = None) -> list[float]:
         """Log-probability of each single-letter answer, from one constrained decoding step.
 
         The constraint masks every other token, so the returned log-probabilities are the model's
@@ -189,6 +189,11 @@ def _engine_error(url: str, response: httpx.Response) -> RequestError:
         message = response.text[:500]
     if response.status_code == 400 and ("context length" in message or "maximum" in message.lower()):
         return EngineRejected(f"the task is too long for the model: {message}")
+    if response.status_code == 400 and any(word in message.lower() for word in ("image", "multimodal", "modality")):
+        return EngineRejected(
+            f"the engine refused the task's image input: {message} (DATAENGINE_MODEL must be a vision-language model; "
+            "more images per task need DATAENGINE_ENGINE_MAX_IMAGES)"
+        )
     if response.status_code == 404:
         return UnknownModel(f"the engine at {url} does not serve that model: {message}")
     return RequestError(f"the engine at {url} answered {response.status_code}: {message}", 502)

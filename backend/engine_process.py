@@ -1,6 +1,7 @@
 """Start, health-check and stop a vLLM OpenAI-compatible server from the engine venv."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -62,6 +63,34 @@ def _hub_reachable(model: str) -> bool:
     return response.status_code < 400 or response.status_code == 401  # 401: gated but exists (token needed)
 
 
+def is_vision_model(model: str) -> bool:
+    """True when the model's config.json has a vision tower (`vision_config`): a local directory, or a hub id
+    in the local cache. Unknown (not cached yet): False, and vLLM's own defaults apply."""
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")
+        except Exception:
+            return False
+        if not isinstance(cached, str):
+            return False
+        path = Path(cached)
+    try:
+        return "vision_config" in json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def image_limit_args(settings: Settings) -> list[str]:
+    """vLLM's per-prompt image limit, and the image size its memory profiling assumes (our images are
+    scaled to DATAENGINE_IMAGE_MAX_SIDE before they are sent); no video inputs."""
+    side = settings.image_max_side
+    limits = {"image": {"count": settings.engine_max_images, "width": side, "height": side}, "video": 0}
+    return ["--limit-mm-per-prompt", json.dumps(limits)]
+
+
 @dataclass
 class EngineProcess:
     """A supervised `python -m vllm.entrypoints.openai.api_server` child process."""
@@ -94,6 +123,8 @@ class EngineProcess:
             # Without this a JSON constraint lets a weak model wander in whitespace until max_tokens.
             "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
         ]
+        if is_vision_model(model_path):
+            cmd += image_limit_args(s)
         return cmd + s.engine_extra_args.split()
 
     def environment(self) -> dict[str, str]:

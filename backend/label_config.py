@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from html.parser import HTMLParser
@@ -23,6 +24,8 @@ from label_studio_sdk.label_interface import LabelInterface
 from .errors import InvalidTaskData, PayloadTooLarge, UnsupportedLabelConfig
 
 TEXT_OBJECT_TAGS = {"Text", "HyperText"}
+IMAGE_OBJECT_TAGS = {"Image"}
+IMAGE_CONTROLS = ("Choices", "Rating", "TextArea")  # what an <Image> can be pre-annotated with
 SPAN_NGRAM_MAX_WORDS = 4
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _WORD = re.compile(r"\w[\w'’.-]*\w|\w", re.UNICODE)
@@ -63,6 +66,30 @@ class TextObject:
 
     def prompt_text(self, raw: str) -> str:
         return html_to_text(raw) if self.tag == "HyperText" else raw
+
+    @property
+    def is_image(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class ImageObject(TextObject):
+    """An `<Image value="$field">`: the task field holds the image reference (URL, data URI, Label Studio
+    path). `read` returns that reference; the predictor fetches and validates the bytes (backend/images.py),
+    and training keeps the reference (preference pairs and SFT prompts point at the task's image)."""
+
+    def read(self, task: dict[str, Any], max_chars: int) -> str:
+        reference = super().read(task, sys.maxsize)  # data URIs are long: images have byte limits (images.py)
+        if not reference.strip():
+            raise InvalidTaskData(f"task {task.get('id', '?')} field '{self.data_key}' (<Image name=\"{self.name}\">) is empty")
+        return reference.strip()
+
+    def prompt_text(self, raw: str) -> str:
+        return f"(image {self.name!r}, attached)"
+
+    @property
+    def is_image(self) -> bool:
+        return True
 
 
 @dataclass(frozen=True)
@@ -322,8 +349,12 @@ class SpanLabelsControl(Control):
 @dataclass(frozen=True)
 class CompiledConfig:
     controls: tuple[Control, ...]
-    objects: tuple[TextObject, ...]
+    objects: tuple[TextObject, ...]  # what the prompt shows: control targets, plus context text in image configs
     instructions: str = ""
+
+    @property
+    def image_objects(self) -> tuple[TextObject, ...]:
+        return tuple(obj for obj in self.objects if obj.is_image)
 
     def read_task(self, task: dict[str, Any], max_chars: int) -> dict[str, str]:
         """The text of every object the controls target, keyed by object name; raises a 4xx error."""
@@ -413,7 +444,19 @@ def _compile_cached(xml: str, instructions: str, textarea_max: int, max_entities
     if not controls:
         raise UnsupportedLabelConfig("label_config has no control tags (Choices, Labels, Rating, Number, TextArea)")
     targets = {c.target.name: c.target for c in controls}
+    if any(target.is_image for target in targets.values()):
+        targets.update(_context_objects(interface, targets))
     return CompiledConfig(controls=tuple(controls), objects=tuple(targets.values()), instructions=instructions)
+
+
+def _context_objects(interface, targets: dict) -> dict[str, TextObject]:
+    """Text objects no control targets, shown to the model beside the image (visual QA: the question)."""
+    context = {}
+    for obj in interface.objects:
+        value = obj.value or ""
+        if obj.name not in targets and obj.tag in TEXT_OBJECT_TAGS and value.startswith("$") and len(value) > 1:
+            context[obj.name] = TextObject(name=obj.name, tag=obj.tag, data_key=value[1:])
+    return context
 
 
 SUPPORTED_CONTROLS = ("Choices", "Labels", "Rating", "Number", "TextArea")
@@ -427,6 +470,11 @@ def _compile_control(tag, objects: dict, *, textarea_max: int, max_entities: int
     if _truthy(tag.attr.get("perRegion")):
         raise UnsupportedLabelConfig(f"<{tag.tag} name=\"{tag.name}\" perRegion> is not supported")
     target = _target_object(tag, objects)
+    if target.is_image and tag.tag not in IMAGE_CONTROLS:
+        raise UnsupportedLabelConfig(
+            f"<{tag.tag} name=\"{tag.name}\"> over <Image name=\"{target.name}\"> is not supported; images work with "
+            f"{', '.join(IMAGE_CONTROLS)}"
+        )
     common = {"name": tag.name, "tag": tag.tag, "target": target, "hint": tag.attr.get("hint", "")}
     if tag.tag == "Choices":
         labels, hints = _labels_and_hints(tag)
@@ -452,15 +500,16 @@ def _target_object(tag, objects: dict) -> TextObject:
     if not names or names[0] not in objects:
         raise UnsupportedLabelConfig(f"<{tag.tag} name=\"{tag.name}\"> has toName={names!r} matching no object tag")
     obj = objects[names[0]]
-    if obj.tag not in TEXT_OBJECT_TAGS:
+    if obj.tag not in TEXT_OBJECT_TAGS | IMAGE_OBJECT_TAGS:
         raise UnsupportedLabelConfig(
             f"<{tag.tag} name=\"{tag.name}\"> targets <{obj.tag} name=\"{obj.name}\">, which is not supported; "
-            f"supported objects: {', '.join(sorted(TEXT_OBJECT_TAGS))}"
+            f"supported objects: {', '.join(sorted(TEXT_OBJECT_TAGS | IMAGE_OBJECT_TAGS))}"
         )
     value = obj.value or ""
     if not value.startswith("$") or len(value) < 2:
         raise UnsupportedLabelConfig(f"<{obj.tag} name=\"{obj.name}\"> must read a task field (value=\"$field\")")
-    return TextObject(name=obj.name, tag=obj.tag, data_key=value[1:])
+    kind = ImageObject if obj.tag in IMAGE_OBJECT_TAGS else TextObject
+    return kind(name=obj.name, tag=obj.tag, data_key=value[1:])
 
 
 def _labels_and_hints(tag) -> tuple[tuple[str, ...], dict[str, str]]:

@@ -23,6 +23,10 @@ class ProjectSettings:
     instructions: str = ""  # the project's expert_instruction, read from Label Studio at /setup
     label_config: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # what Label Studio sent at /setup (`hostname`, `access_token`): used to read its hosted images when
+    # LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY are not configured (settings.json is written mode 0600)
+    label_studio_hostname: str = ""
+    label_studio_token: str = ""
 
 
 def project_id_from(value: Any) -> str:

@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     engine_start_timeout: float = 600.0
     engine_request_timeout: float = 90.0  # Label Studio gives up on /predict after 100 s
     max_lora_rank: int = 16
+    engine_max_images: int = Field(1, ge=0)  # vision-language models: images per prompt the engine accepts
 
     # candidates
     candidates: int = Field(4, ge=1, le=32)  # N predictions per task
@@ -54,6 +55,16 @@ class Settings(BaseSettings):
     max_entities: int = Field(16, ge=1)
     rm_weight: float = Field(0.8, ge=0.0, le=1.0)  # share of the reward model in the reranked score
     predict_concurrency: int = Field(16, ge=1)  # tasks of one /predict sent to the engine at once
+
+    # images (<Image> objects; backend/images.py)
+    image_max_bytes: int = Field(10 * 1024 * 1024, ge=1)  # per image; bigger gives 413
+    image_max_pixels: int = Field(40_000_000, ge=1)  # width x height; bigger gives 413
+    image_max_side: int = Field(1024, ge=16)  # longer sides are scaled down before the engine sees the image
+    image_fetch_timeout: float = Field(10.0, gt=0)  # seconds per image download
+    allow_private_urls: bool = False  # SSRF guard off: image URLs may point at private/loopback addresses
+    local_files_root: str = Field(
+        "", validation_alias=AliasChoices("DATAENGINE_LOCAL_FILES_ROOT", "LOCAL_FILES_DOCUMENT_ROOT")
+    )  # read /data/local-files/?d=... from this directory instead of through Label Studio
 
     # feedback loop
     webhook_secret: str = ""  # required in the X-Dataengine-Secret header of /webhook when set

@@ -105,8 +105,9 @@ def flushed_redis(url: str):
         connection.flushdb()
 
 
-def shipped_configs() -> list[str]:
-    return sorted(p.stem for p in LABEL_CONFIGS.glob("*.xml"))
+def shipped_configs(images: bool = False) -> list[str]:
+    """Shipped text configs; `images=True`: the ones over <Image>, which need a vision-language engine."""
+    return sorted(p.stem for p in LABEL_CONFIGS.glob("*.xml") if ("<Image" in p.read_text()) == images)
 
 
 def load_config(name: str) -> tuple[str, list[dict]]:
