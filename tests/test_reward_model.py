@@ -158,6 +158,14 @@ def test_settings_scale_epochs_with_data_size():
     assert RewardSettings(epochs=3).epochs_for(10) == 3
 
 
+def test_small_data_trains_the_upper_layers_only_and_larger_data_all_layers():
+    settings = RewardSettings(freeze_layers=3, full_finetune_from=200, learning_rate=2e-4, full_learning_rate=1e-4)
+    small, large = settings.for_pairs(199), settings.for_pairs(200)
+    assert (small.freeze_layers, small.learning_rate) == (3, 2e-4)
+    assert (large.freeze_layers, large.learning_rate) == (0, 1e-4)
+    assert RewardSettings(full_finetune_from=None).for_pairs(10_000).freeze_layers == RewardSettings().freeze_layers
+
+
 def test_base_resolution(monkeypatch, tmp_path):
     monkeypatch.delenv(ENV_BASE, raising=False)
     assert resolve_base() == str(minilm_path())

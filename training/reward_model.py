@@ -38,14 +38,19 @@ class RewardSettings:
     tens to hundreds of pairs on a 2-core CPU with the MiniLM encoder.
 
     The number of epochs follows the data size: small sets get more passes so that training always runs
-    at least `min_steps` optimizer steps (bounded by `max_epochs`); `epochs` fixes it instead."""
+    at least `min_steps` optimizer steps (bounded by `max_epochs`); `epochs` fixes it instead.
+
+    So does what trains (`for_pairs`): below `full_finetune_from` training pairs the embeddings and the lowest
+    `freeze_layers` layers stay frozen (fewer weights to fit to tens of pairs); from there on every layer
+    trains, at `full_learning_rate`. Seed 0 of bench/rm_calibration.py, top-1 on 400 unseen reviews:
+    frozen 0.88 / all layers 0.855 at 100 choices; frozen 0.8875 / all layers 0.8975 at 400."""
 
     learning_rate: float = 2e-4
     batch_size: int = 16  # pairs per optimizer step
     epochs: float | None = None  # None: scaled by data size (min_steps, min_epochs, max_epochs)
-    min_steps: int = 88
+    min_steps: int = 176  # 88 steps: 0.865 at 100 choices, 176: 0.88
     min_epochs: int = 2
-    max_epochs: int = 8  # more passes over tens of pairs overfit (measured: 18 epochs at 80 pairs lost ~4 points)
+    max_epochs: int = 16
     warmup: float = 0.1  # share of the steps
     weight_decay: float = 0.01
     scheduler: str = "linear"
@@ -53,7 +58,9 @@ class RewardSettings:
     center_rewards_coefficient: float | None = 0.01
     margin_scale: float = 1.0  # pair.margin * margin_scale goes to TRL's margin column; 0 = no margin
     min_weight: float = 0.5  # TRL's loss has no per-pair weight: pairs weighted below this are dropped
-    freeze_layers: int = 3  # freeze the embeddings and this many lowest layers: as accurate, ~40% faster
+    freeze_layers: int = 3  # freeze the embeddings and this many lowest layers (below full_finetune_from)
+    full_finetune_from: int | None = 200  # training pairs from which every layer trains; None: never
+    full_learning_rate: float = 1e-4  # the learning rate when every layer trains
     dropout: bool = False  # keep the model's dropout while training (TRL turns it off by default)
     group_by_length: bool = True  # batch pairs of similar length: less padding, faster on CPU
     heldout_fraction: float = 0.2  # share of TASKS held out (by a hash of the task id)
@@ -67,9 +74,16 @@ class RewardSettings:
         layers trained, random batches): the baseline the calibration compares against."""
         values = dict(learning_rate=1e-4, batch_size=8, epochs=epochs, warmup=0.0, weight_decay=0.0,
                       center_rewards_coefficient=None, margin_scale=0.0, max_length=512, freeze_layers=0,
-                      group_by_length=False)
+                      full_finetune_from=None, group_by_length=False)
         values.update(overrides)
         return cls(**values)
+
+    def for_pairs(self, train_pairs: int) -> "RewardSettings":
+        """The settings to train on `train_pairs` pairs with: every layer at `full_learning_rate` from
+        `full_finetune_from` pairs on, else these."""
+        if self.full_finetune_from is not None and train_pairs >= self.full_finetune_from:
+            return dataclasses.replace(self, freeze_layers=0, learning_rate=self.full_learning_rate)
+        return self
 
     def epochs_for(self, train_pairs: int) -> float:
         if self.epochs is not None:
@@ -182,6 +196,7 @@ def train_reward_model(
     from transformers import set_seed
 
     base_path = resolve_base(base)
+    settings = settings.for_pairs(len(train_pairs))
     set_seed(settings.seed)  # the new score head's initial weights come from the global RNG
     model, tokenizer = _load_base(base_path, settings)
     limit = getattr(tokenizer, "model_max_length", None)
