@@ -35,7 +35,7 @@ TWO_LABELS = (LABEL_CONFIGS / "sentiment.xml").read_text().replace(
     '    <Choice value="Neutral" hint="mixed, or no opinion"/>\n', ""
 )
 # Fast settings for tests: fewer steps than production, same code path.
-FAST = RewardSettings(min_steps=30, max_epochs=8, threads=2)
+FAST = RewardSettings(min_steps=30, max_epochs=8, threads=2, dropout=False)  # no dropout: 30 steps, no noise
 
 GOOD = ["great", "excellent", "wonderful", "lovely", "amazing", "fantastic", "perfect", "delightful", "superb", "brilliant"]
 BAD = ["terrible", "awful", "horrible", "dreadful", "disgusting", "useless", "disappointing", "broken", "rude", "miserable"]
@@ -159,10 +159,11 @@ def test_settings_scale_epochs_with_data_size():
 
 
 def test_small_data_trains_the_upper_layers_only_and_larger_data_all_layers():
-    settings = RewardSettings(freeze_layers=3, full_finetune_from=200, learning_rate=2e-4, full_learning_rate=1e-4)
+    settings = RewardSettings(freeze_layers=3, full_finetune_from=200, learning_rate=2e-4, full_learning_rate=1e-4,
+                              dropout=True)
     small, large = settings.for_pairs(199), settings.for_pairs(200)
-    assert (small.freeze_layers, small.learning_rate) == (3, 2e-4)
-    assert (large.freeze_layers, large.learning_rate) == (0, 1e-4)
+    assert (small.freeze_layers, small.learning_rate, small.dropout) == (3, 2e-4, True)
+    assert (large.freeze_layers, large.learning_rate, large.dropout) == (0, 1e-4, False)
     assert RewardSettings(full_finetune_from=None).for_pairs(10_000).freeze_layers == RewardSettings().freeze_layers
 
 
