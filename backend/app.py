@@ -18,7 +18,9 @@ from .images import LabelStudioAccess
 from .jobs import FeedbackQueue
 from .label_config import compile_label_config
 from .predictor import PredictRequest, Predictor
+from .prelabel_queue import PrelabelRequest, enqueue_prelabel
 from .projects import ProjectSettings, ProjectStore, project_id_from
+from .ranking import compile_ranking_config, is_comparison_config
 from .registry import VersionReader
 from .settings import Settings, get_settings
 
@@ -146,7 +148,7 @@ def _install_routes(app: Flask, services: Services) -> None:
         stored = services.projects.get(project)
         schema = body.get("schema") or body.get("label_config") or stored.label_config
         if schema:
-            compile_label_config(schema, settings=settings)  # 4xx now, not at the first /predict
+            _compile_any(schema, settings)  # 4xx now, not at the first /predict
         overrides = _parse_extra_params(body.get("extra_params"))
         # Configured values win: Label Studio's `hostname` is often localhost as seen from its own
         # container, and its `access_token` is a legacy token that 1.23 may refuse.
@@ -177,8 +179,10 @@ def _install_routes(app: Flask, services: Services) -> None:
         schema = body.get("label_config") or stored.label_config
         if not schema:
             raise BadRequest("'label_config' is missing and /setup has not been called for this project")
-        config = compile_label_config(schema, settings=settings)
         params = body.get("params") if isinstance(body.get("params"), dict) else {}
+        if is_comparison_config(schema):
+            return _comparison_predict(schema, tasks, params, services.versions.current(project).name, settings)
+        config = compile_label_config(schema, settings=settings)
         overrides = _parse_extra_params(params.get("extra_params")) if params.get("extra_params") else {}
         predict_request = PredictRequest(
             config=config,
@@ -217,7 +221,17 @@ def _install_routes(app: Flask, services: Services) -> None:
         body = {"status": "ok", "event": recorded.event_id, "training_job": recorded.training_job}
         if event.action not in HANDLED_ACTIONS:
             body["note"] = f"event {event.action} recorded; it does not affect training"
+        if event.action == "TASKS_CREATED" and event.task_ids and is_comparison_config(services.projects.get(event.project).label_config):
+            # ranking projects: the new tasks get their candidates written in by a prelabel job
+            request_ = PrelabelRequest(event.project, task_ids=event.task_ids, reason="TASKS_CREATED")
+            body["prelabel_job"] = enqueue_prelabel(services.queue, request_, settings.job_timeout)
         return jsonify(body), 200
+
+    @app.post("/prelabel")
+    def prelabel():
+        prelabel_request = PrelabelRequest.from_body(read_json_object())
+        job_id = enqueue_prelabel(services.queue, prelabel_request, settings.job_timeout)
+        return jsonify(job=job_id, project=prelabel_request.project), 202
 
     @app.get("/events")
     def events():
@@ -250,6 +264,26 @@ def _install_routes(app: Flask, services: Services) -> None:
     def prometheus_metrics():
         payload, content_type = metrics.render(services.queue.redis, settings.queue_name)
         return Response(payload, content_type=content_type)
+
+
+def _compile_any(schema: str, settings: Settings) -> None:
+    """Validate a config of either kind: answer configs (label_config.py) or ranking configs (ranking.py)."""
+    if is_comparison_config(schema):
+        compile_ranking_config(schema, settings=settings)
+    else:
+        compile_label_config(schema, settings=settings)
+
+
+def _comparison_predict(schema: str, tasks: list, params: dict, model_version: str, settings: Settings):
+    """Ranking projects: a prediction cannot add <List> items, so /predict has nothing to add; the candidates and
+    the model's order are written by the prelabel job (TASKS_CREATED webhook, POST /prelabel)."""
+    compile_ranking_config(schema, settings=settings)  # a broken config still gets its 422
+    if params.get("context") is not None:
+        results = [_empty_prediction(model_version) for _ in tasks]
+    else:
+        results = [[] for _ in tasks]
+    note = "ranking project: candidates are written into the tasks by the prelabel job (TASKS_CREATED, POST /prelabel)"
+    return jsonify(results=results, model_version=model_version, note=note)
 
 
 def _count_quality(project: str, created: list[quality.CreatedAnnotation], served: list) -> None:

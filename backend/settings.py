@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     max_entities: int = Field(16, ge=1)
     rm_weight: float = Field(0.8, ge=0.0, le=1.0)  # share of the reward model in the reranked score
     predict_concurrency: int = Field(16, ge=1)  # tasks of one /predict sent to the engine at once
+    prelabel_concurrency: int = Field(64, ge=1)  # `dataengine prelabel`: tasks in flight to the engine at once
+    prelabel_batch_size: int = Field(100, ge=1, le=1000)  # `dataengine prelabel`: predictions per bulk upload
 
     # images (<Image> objects; backend/images.py)
     image_max_bytes: int = Field(10 * 1024 * 1024, ge=1)  # per image; bigger gives 413

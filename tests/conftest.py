@@ -106,8 +106,16 @@ def flushed_redis(url: str):
 
 
 def shipped_configs(images: bool = False) -> list[str]:
-    """Shipped text configs; `images=True`: the ones over <Image>, which need a vision-language engine."""
-    return sorted(p.stem for p in LABEL_CONFIGS.glob("*.xml") if ("<Image" in p.read_text()) == images)
+    """Shipped text configs; `images=True`: the ones over <Image>, which need a vision-language engine.
+    Ranking configs (<Ranker>/<Pairwise>, candidates written into the tasks) are `ranking_configs()`."""
+    return sorted(
+        p.stem for p in LABEL_CONFIGS.glob("*.xml") if ("<Image" in p.read_text()) == images and p.stem not in ranking_configs()
+    )
+
+
+def ranking_configs() -> list[str]:
+    """Shipped configs whose candidates the backend writes into the tasks (<Ranker> or <Pairwise>)."""
+    return sorted(p.stem for p in LABEL_CONFIGS.glob("*.xml") if "<Ranker" in p.read_text() or "<Pairwise" in p.read_text())
 
 
 def load_config(name: str) -> tuple[str, list[dict]]:

@@ -26,6 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="per-round decisions and scores of a project (JSON + PNG)")
     report.add_argument("--project", required=True)
     report.add_argument("--out", default="reports", help="directory for the JSON and PNG (default: reports/)")
+    prelabel = commands.add_parser(
+        "prelabel", help="pre-label a whole project through the engine (ranking projects: fill candidates)"
+    )
+    prelabel.add_argument("--project", required=True, help="Label Studio project id")
+    prelabel.add_argument("--force", action="store_true", help="redo tasks already pre-labelled with this version")
+    prelabel.add_argument("--limit", type=_positive_int, help="pre-label at most K tasks in this run")
+    prelabel.add_argument("--enqueue", action="store_true", help="run it as an RQ job on the workers instead")
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random model for offline smoke runs")
     tiny.add_argument("out_dir", help="e.g. models/tiny")
     tiny.add_argument("--seed", type=int, default=0)
@@ -51,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return do_rollback(args.project, args.to)
     if args.command == "report":
         return print_report(args.project, Path(args.out))
+    if args.command == "prelabel":
+        return run_prelabel_command(args)
     if args.command == "train":
         queue = _queue()
         print(queue.request_training(args.project, reason="cli"))
@@ -62,6 +71,42 @@ def _queue():
     from backend.jobs import FeedbackQueue
 
     return FeedbackQueue.from_settings(get_settings())
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {raw}")
+    return value
+
+
+def run_prelabel_command(args) -> int:
+    import json
+
+    from backend.errors import RequestError
+
+    from .prelabel import PrelabelError, PrelabelOptions, Prelabeler
+
+    if args.enqueue:
+        from backend.prelabel_queue import PrelabelRequest, enqueue_prelabel
+
+        request = PrelabelRequest(args.project, args.force, args.limit, reason="cli")
+        print(enqueue_prelabel(_queue(), request, get_settings().job_timeout))
+        return 0
+    try:
+        prelabeler = Prelabeler(get_settings())
+    except PrelabelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = prelabeler.run(PrelabelOptions(args.project, args.force, args.limit), bar=True)
+    except RequestError as exc:  # unsupported config, engine down...
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    finally:
+        prelabeler.close()
+    print(json.dumps(summary.as_dict(), indent=2))
+    return 1 if summary.failed and not summary.done else 0
 
 
 def run_worker() -> int:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 from backend.engine_client import EngineClient
 from backend.label_config import CompiledConfig, compile_label_config
 from backend.prompts import reward_text
+from backend.ranking import is_comparison_config
 from backend.registry import VersionReader
 from backend.settings import Settings
 
@@ -52,6 +53,8 @@ def _reason_to_skip(inputs: RoundInputs, registry: Registry, current: str, setti
         return f"no new feedback since {current}"
     if len(inputs.derived.pairs) < settings.min_pairs:
         return f"{len(inputs.derived.pairs)} preference pairs < DATAENGINE_MIN_PAIRS={settings.min_pairs}"
+    if is_comparison_config(inputs.exported.label_config):
+        return "ranking project: its pairs are in the snapshot; reward-model/policy training from rankings is not wired yet"
     return None
 
 

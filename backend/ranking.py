@@ -1,0 +1,326 @@
+"""Ranking projects: `<List>` + `<Ranker>` and `<Pairwise>` configs, whose candidates live in the task data.
+
+A Label Studio prediction cannot add items to a `<List>`, so for these projects the backend writes the N
+generated candidates into each task (`candidates: [{id, title, body}]`) and stores the model's opinion
+as a prediction: a Ranker order (bucket mode: the order split over the buckets) or a Pairwise pick.
+This module reads such a config, generates one task's candidates through the Predictor, and builds the
+task's new data and its prediction; `training/prelabel.py` runs it over whole projects.
+
+Two generation modes, chosen by the config:
+  * responses: no answer control besides the Ranker/Pairwise; each candidate is a free-text response
+    to the prompt (the task's `<Text>` fields), sampled under a TextArea constraint.
+  * label candidates: the config also holds answer controls (Choices, Labels, ...; usually inside a
+    hidden `<View>`), compiled as usual; each candidate is one predicted annotation, rendered readably.
+Item ids are a hash of the candidate's text (stable across refills); items are stored in id order, so
+the list's display order does not give away the model's ranking.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from .errors import InvalidTaskData, UnsupportedLabelConfig
+from .label_config import SUPPORTED_CONTROLS, CompiledConfig, TextAreaControl, TextObject, compile_label_config
+from .predictor import PredictRequest, Predictor, TaskFailure
+from .registry import ServingVersion
+
+COMPARISON_TAGS = ("ranker", "pairwise")
+LAYOUT_TAGS = {"list", "ranker", "pairwise", "bucket"}
+PROMPT_TAGS = {"Text": "Text", "HyperText": "HyperText"}
+CANDIDATES_KEY = "candidates"  # where candidates go when the config has no <List> (pairwise only)
+RESPONSE_CONTROL = "response"
+RESPONSE_HINT = "your answer to the prompt, as the assistant"
+
+
+@dataclass(frozen=True)
+class RankerSpec:
+    name: str
+    list_name: str
+    buckets: tuple[str, ...]  # config order, best first; empty: plain ranking
+
+
+@dataclass(frozen=True)
+class PairwiseSpec:
+    name: str
+    left: TextObject
+    right: TextObject
+
+
+@dataclass(frozen=True)
+class RankingConfig:
+    answer: CompiledConfig  # what the engine is asked for, once per candidate
+    candidates_key: str  # task field holding [{id, title, body}]
+    ranker: RankerSpec | None
+    pairwise: PairwiseSpec | None
+    label_candidates: bool  # True: candidates are annotations of the answer controls; False: free text
+
+    def has_candidates(self, task: dict[str, Any]) -> bool:
+        items = (task.get("data") or {}).get(self.candidates_key)
+        return isinstance(items, list) and len(items) > 0
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    body: str
+    score: float
+
+    def as_data(self, title: str) -> dict[str, str]:
+        return {"id": self.id, "title": title, "body": self.body}
+
+
+@dataclass(frozen=True)
+class FilledTask:
+    """One task's candidates: its new data (the old fields kept) and the model's ranking as a prediction."""
+
+    task_id: Any
+    data: dict[str, Any]
+    prediction: dict[str, Any]  # {"result", "score", "model_version"}
+    items: tuple[Item, ...]  # the model's order, best first
+
+
+# --- config -----------------------------------------------------------------------------------------
+
+
+def is_comparison_config(xml: str) -> bool:
+    """A config with a <Ranker> or <Pairwise>: its candidates are written into the tasks."""
+    return bool(xml) and _has_comparison_tag(xml)
+
+
+@lru_cache(maxsize=256)
+def _has_comparison_tag(xml: str) -> bool:
+    lowered = xml.lower()
+    return any(f"<{tag}" in lowered for tag in COMPARISON_TAGS)
+
+
+def compile_ranking_config(xml: str, *, settings=None) -> RankingConfig:
+    """Parse a ranking/pairwise config; raises UnsupportedLabelConfig (422) naming what is wrong."""
+    from .settings import get_settings
+
+    settings = settings or get_settings()
+    return _compile_cached(xml, settings.textarea_max_chars, settings.max_entities, settings.span_enumerate_max)
+
+
+@lru_cache(maxsize=64)
+def _compile_cached(xml: str, textarea_max: int, max_entities: int, ngram_max: int) -> RankingConfig:
+    root = _parse(xml)
+    objects = _data_objects(root)
+    ranker = _ranker_spec(root, objects)
+    pairwise = _pairwise_spec(root, objects)
+    if ranker is None and pairwise is None:
+        raise UnsupportedLabelConfig("a ranking config needs a <Ranker> (over a <List>) or a <Pairwise>")
+    key = objects[ranker.list_name][1] if ranker else CANDIDATES_KEY
+    has_controls = any(element.tag in SUPPORTED_CONTROLS for element in root.iter())
+    if has_controls:
+        stripped = _without_layout_tags(root)
+        settings = _CompileSettings(textarea_max, max_entities, ngram_max)
+        answer = compile_label_config(stripped, settings=settings)
+    else:
+        answer = _response_config(root, objects, pairwise, textarea_max)
+    return RankingConfig(answer, key, ranker, pairwise, label_candidates=has_controls)
+
+
+@dataclass(frozen=True)
+class _CompileSettings:
+    textarea_max_chars: int
+    max_entities: int
+    span_enumerate_max: int
+
+
+def _parse(xml: str) -> ET.Element:
+    if not isinstance(xml, str) or not xml.strip():
+        raise UnsupportedLabelConfig("label_config is empty")
+    try:
+        return ET.fromstring(xml)
+    except ET.ParseError as exc:
+        raise UnsupportedLabelConfig(f"label_config is not valid XML: {exc}") from exc
+
+
+def _data_objects(root: ET.Element) -> dict[str, tuple[str, str]]:
+    """name -> (tag, task field) for every tag that reads a task field (value="$field")."""
+    objects = {}
+    for element in root.iter():
+        name, value = element.get("name"), element.get("value") or ""
+        if name and value.startswith("$") and len(value) > 1:
+            objects[name] = (element.tag, value[1:])
+    return objects
+
+
+def _ranker_spec(root: ET.Element, objects: dict[str, tuple[str, str]]) -> RankerSpec | None:
+    tag = next((e for e in root.iter() if e.tag.lower() == "ranker"), None)
+    if tag is None:
+        return None
+    name, target = tag.get("name") or "", tag.get("toName") or ""
+    if not name or objects.get(target, ("",))[0].lower() != "list":
+        raise UnsupportedLabelConfig(
+            f"<Ranker name=\"{name}\"> needs a name and toName naming a <List value=\"$candidates\"> that reads task data"
+        )
+    buckets = tuple(b.get("name") for b in tag if b.tag.lower() == "bucket" and b.get("name"))
+    return RankerSpec(name=name, list_name=target, buckets=buckets)
+
+
+def _pairwise_spec(root: ET.Element, objects: dict[str, tuple[str, str]]) -> PairwiseSpec | None:
+    tag = next((e for e in root.iter() if e.tag.lower() == "pairwise"), None)
+    if tag is None:
+        return None
+    names = [n.strip() for n in (tag.get("toName") or "").split(",")]
+    sides = [objects.get(n) for n in names]
+    if len(names) != 2 or any(side is None or side[0] not in PROMPT_TAGS for side in sides):
+        raise UnsupportedLabelConfig(
+            f"<Pairwise name=\"{tag.get('name')}\"> needs toName=\"left,right\" naming two <Text value=\"$field\"> objects"
+        )
+    left, right = (TextObject(name=n, tag=s[0], data_key=s[1]) for n, s in zip(names, sides))
+    return PairwiseSpec(name=tag.get("name") or "", left=left, right=right)
+
+
+def _without_layout_tags(root: ET.Element) -> str:
+    """The config minus List/Ranker/Pairwise: what label_config.py compiles for the answer controls."""
+    copy = ET.fromstring(ET.tostring(root))
+    for parent in copy.iter():
+        for child in list(parent):
+            if child.tag.lower() in LAYOUT_TAGS:
+                parent.remove(child)
+    return ET.tostring(copy, encoding="unicode")
+
+
+def _response_config(root, objects, pairwise: PairwiseSpec | None, textarea_max: int) -> CompiledConfig:
+    sides = {pairwise.left.name, pairwise.right.name} if pairwise else set()
+    prompts = tuple(
+        TextObject(name=name, tag=tag, data_key=key)
+        for name, (tag, key) in objects.items()
+        if tag in PROMPT_TAGS and name not in sides
+    )
+    if not prompts:
+        raise UnsupportedLabelConfig(
+            "a response-ranking config needs a prompt: a <Text name=\"prompt\" value=\"$prompt\"> besides the candidates"
+        )
+    control = TextAreaControl(name=RESPONSE_CONTROL, tag="TextArea", target=prompts[0], hint=RESPONSE_HINT, max_chars=textarea_max)
+    return CompiledConfig(controls=(control,), objects=prompts)
+
+
+# --- candidates -------------------------------------------------------------------------------------
+
+
+def item_id(body: str) -> str:
+    return "c" + hashlib.sha1(body.encode("utf-8")).hexdigest()[:10]
+
+
+def render(config: CompiledConfig, result: list[dict[str, Any]], texts: dict[str, str]) -> str:
+    """A candidate annotation as an annotator reads it: one line per control."""
+    answer = config.answer_from_results(result, texts)
+    lines = []
+    for control in config.controls:
+        value = answer.get(control.name)
+        lines.append(f"{control.name}: {_readable(value)}")
+    return "\n".join(lines)
+
+
+def _readable(value: Any) -> str:
+    if value is None or value == []:
+        return "(none)"
+    if isinstance(value, list) and all(isinstance(v, dict) for v in value):  # NER entities
+        return "; ".join(f"{v.get('label')}: {v.get('text')}" for v in value)
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def response_text(result: list[dict[str, Any]]) -> str:
+    texts = [t for region in result for t in (region.get("value") or {}).get("text", [])]
+    return "\n".join(texts)
+
+
+def most_different_pair(items: list[Item]) -> tuple[Item, Item]:
+    """The two candidates whose texts differ most (lowest difflib similarity); ties go to higher scores."""
+    if len(items) < 2:
+        raise InvalidTaskData(f"pairwise needs two different candidates, the model gave {len(items)}")
+    best = None
+    for i in range(len(items)):
+        for j in range(i + 1, len(items)):
+            a, b = items[i], items[j]
+            similarity = difflib.SequenceMatcher(None, a.body, b.body, autojunk=False).ratio()
+            key = (similarity, -(a.score + b.score), i, j)
+            if best is None or key < best[0]:
+                best = (key, a, b)
+    return best[1], best[2]
+
+
+def ranker_result(spec: RankerSpec, ordered_ids: list[str]) -> dict[str, Any]:
+    """Plain ranking: `{<ranker name>: ids}`; bucket mode: the order split evenly over the buckets, best first."""
+    if not spec.buckets:
+        ranking = {spec.name: list(ordered_ids)}
+    else:
+        ranking = {bucket: [] for bucket in spec.buckets}
+        count = len(ordered_ids)
+        for rank, identifier in enumerate(ordered_ids):
+            ranking[spec.buckets[min(len(spec.buckets) - 1, rank * len(spec.buckets) // count)]].append(identifier)
+    return {"from_name": spec.name, "to_name": spec.list_name, "type": "ranker", "value": {"ranker": ranking}}
+
+
+def pairwise_result(spec: PairwiseSpec, left: Item, right: Item) -> dict[str, Any]:
+    selected = "left" if left.score >= right.score else "right"
+    return {"from_name": spec.name, "to_name": spec.left.name, "type": "pairwise", "value": {"selected": selected}}
+
+
+class CandidateFiller:
+    """Generates one task's candidates through the Predictor (same engine path as /predict)."""
+
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+
+    def fill(
+        self,
+        config: RankingConfig,
+        task: dict[str, Any],
+        *,
+        version: ServingVersion,
+        candidates: int,
+        temperature: float,
+        instructions: str = "",
+    ) -> FilledTask | TaskFailure:
+        request = PredictRequest(
+            config=config.answer, tasks=[task], version=version, candidates=candidates,
+            temperature=temperature, instructions=instructions,
+        )
+        outcome = self.predictor.predict_each(request)
+        if outcome.failures:
+            return outcome.failures[0]
+        try:
+            items = self._items(config, task, outcome.predictions[0])
+            return build_filled_task(config, task, items, version.name)
+        except InvalidTaskData as exc:
+            return TaskFailure(0, task.get("id"), exc)
+
+    def _items(self, config: RankingConfig, task: dict[str, Any], predictions: list[dict[str, Any]]) -> list[Item]:
+        texts = config.answer.read_task(task, self.predictor.settings.max_text_chars)
+        items: dict[str, Item] = {}
+        for prediction in predictions:  # best first
+            body = render(config.answer, prediction["result"], texts) if config.label_candidates else response_text(prediction["result"])
+            if body.strip():
+                items.setdefault(item_id(body), Item(item_id(body), body, float(prediction["score"])))
+        if not items:
+            raise InvalidTaskData(f"task {task.get('id')}: the model produced no usable candidate")
+        return list(items.values())
+
+
+def build_filled_task(config: RankingConfig, task: dict[str, Any], items: list[Item], model_version: str) -> FilledTask:
+    """The task's new data and prediction from its candidates, best first."""
+    data = dict(task.get("data") or {})
+    results = []
+    chosen = items
+    if config.pairwise is not None:
+        a, b = sorted(most_different_pair(items), key=lambda item: item.id)
+        data[config.pairwise.left.data_key], data[config.pairwise.right.data_key] = a.body, b.body
+        results.append(pairwise_result(config.pairwise, a, b))
+        if config.ranker is None:
+            chosen = sorted((a, b), key=lambda item: -item.score)
+    stored = sorted(chosen, key=lambda item: item.id)  # display order: blind to the model's ranking
+    data[config.candidates_key] = [item.as_data(f"Answer {i + 1}") for i, item in enumerate(stored)]
+    if config.ranker is not None:
+        results.insert(0, ranker_result(config.ranker, [item.id for item in chosen]))
+    prediction = {"result": results, "score": round(chosen[0].score, 6), "model_version": model_version}
+    return FilledTask(task.get("id"), data, prediction, tuple(chosen))

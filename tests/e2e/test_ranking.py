@@ -1,0 +1,180 @@
+"""Ranking projects end to end against a real Label Studio 1.23.2: importing tasks into a <Ranker>/<Pairwise>
+project fires TASKS_CREATED, an RQ job on the real worker (started by `dataengine serve`) writes N
+candidates into each task through the SDK plus the model's order as a prediction; a submitted ranking
+becomes ordered preference pairs in the next snapshot. `dataengine prelabel` pre-labels a whole answer
+project in bulk and resumes without redoing what is stored.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from redis import Redis
+
+from tests.conftest import REPO, TINY_NAME, run_backend
+from tests.e2e.conftest import BASE_VERSION, create_connected_project, expect, stored_predictions, wait_for
+from training.snapshot import latest_snapshot, read_pairs
+
+pytestmark = [pytest.mark.e2e, pytest.mark.engine]
+
+REDIS_URL = "redis://127.0.0.1:6379/9"  # this module's own database, flushed at start
+N = 4  # DATAENGINE_CANDIDATES of the backend under test
+
+
+@pytest.fixture(scope="module")
+def stack(engine_url, label_studio, tmp_path_factory):
+    redis = Redis.from_url(REDIS_URL)
+    redis.flushdb()
+    model_dir = tmp_path_factory.mktemp("ranking-model-dir")
+    env = {
+        "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": label_studio.token,
+        "REDIS_URL": REDIS_URL,
+        "DATAENGINE_RUN_WORKER": "1",
+        "DATAENGINE_CANDIDATES": str(N),
+        "DATAENGINE_TRAIN_EVERY": "1000",  # rounds start on START_TRAINING only
+        "DATAENGINE_RECONCILE_INTERVAL": "0",
+        "DATAENGINE_WEBHOOK_SECRET": "",
+        "BASIC_AUTH_USER": "",
+        "BASIC_AUTH_PASS": "",
+    }
+    log_path = tmp_path_factory.mktemp("ranking-log") / "serve.log"
+    with run_backend(engine_url, model_dir, log_path, env) as (url, _proc):
+        yield {"url": url, "model_dir": Path(model_dir), "log": log_path, "env": env, "engine_url": engine_url}
+    redis.flushdb()
+
+
+def task_data(ls, task_id: int) -> dict:
+    return expect(ls.get(f"/api/tasks/{task_id}"), 200, f"read task {task_id}")["data"]
+
+
+def filled_project(ls, stack, name: str, key: str = "candidates"):
+    """Create the project, import its sample tasks and wait until the TASKS_CREATED job filled them all."""
+    project = create_connected_project(ls, stack["url"], name)
+
+    def all_filled():
+        data = {t: task_data(ls, t) for t in project.task_ids}
+        return data if all(d.get(key) for d in data.values()) else None
+
+    data = wait_for(all_filled, timeout=180, interval=1.0)
+    jobs = httpx.get(f"{stack['url']}/jobs", timeout=10).json()["jobs"]
+    assert data, f"{name}: tasks never got candidates; jobs: {jobs}\n{stack['log'].read_text()[-4000:]}"
+    return project, data
+
+
+def trigger_snapshot(ls, stack, project_id: int):
+    """Settings → Model → Start Training, then the snapshot the round writes."""
+    project_dir = stack["model_dir"] / "projects" / str(project_id)
+    before = latest_snapshot(project_dir)
+    response = httpx.post(f"{stack['url']}/webhook", json={"action": "START_TRAINING", "project": {"id": project_id}}, timeout=10)
+    assert response.status_code == 200 and response.json()["training_job"], response.text
+    snapshot = wait_for(lambda: (s := latest_snapshot(project_dir)) and s != before and s, timeout=120, interval=0.5)
+    assert snapshot, f"no snapshot\n{stack['log'].read_text()[-4000:]}"
+    return snapshot
+
+
+@pytest.fixture(scope="module")
+def ranking(ls, stack):
+    return filled_project(ls, stack, "ranking")
+
+
+def test_imported_tasks_get_n_candidates_and_a_stored_ranker_prediction(ls, ranking):
+    project, data = ranking
+    for task_id in project.task_ids:
+        items = data[task_id]["candidates"]
+        assert len(items) == N and len({i["id"] for i in items}) == N, items
+        assert all(set(i) == {"id", "title", "body"} and i["body"].strip() for i in items)
+        assert data[task_id]["prompt"] == project.tasks[task_id]["data"]["prompt"]  # the task's own fields stay
+        predictions = stored_predictions(ls, task_id)
+        assert len(predictions) == 1, predictions
+        (region,) = predictions[0]["result"]
+        assert (region["type"], region["from_name"], region["to_name"]) == ("ranker", "rank", "candidates")
+        buckets = region["value"]["ranker"]
+        assert set(buckets) == {"best", "acceptable", "reject"} and buckets["best"]
+        assert sorted(i for ids in buckets.values() for i in ids) == sorted(i["id"] for i in items)
+        assert predictions[0]["model_version"] == BASE_VERSION and 0.0 <= predictions[0]["score"] <= 1.0
+
+
+def test_prelabel_again_skips_filled_tasks(ls, stack, ranking):
+    project, data = ranking
+    response = httpx.post(f"{stack['url']}/prelabel", json={"project": project.id}, timeout=10)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job"]
+    job = wait_for(lambda: (j := httpx.get(f"{stack['url']}/jobs/{job_id}", timeout=10).json())["status"] == "finished" and j, 120, 0.5)
+    assert job, httpx.get(f"{stack['url']}/jobs/{job_id}", timeout=10).json()
+    assert job["progress"]["skipped"] == 3 and job["progress"]["done"] == 0, job
+    assert {t: task_data(ls, t)["candidates"] for t in project.task_ids} == {t: d["candidates"] for t, d in data.items()}
+    assert all(len(stored_predictions(ls, t)) == 1 for t in project.task_ids)
+
+
+def test_a_submitted_ranking_becomes_ordered_pairs_in_the_next_snapshot(ls, stack, ranking):
+    project, data = ranking
+    task_id = project.task_ids[0]
+    items = data[task_id]["candidates"]
+    body = {i["id"]: i["body"] for i in items}
+    ids = [i["id"] for i in items]
+    best, acceptable, reject = [ids[0]], [ids[1], ids[2]], [ids[3]]
+    region = {
+        "from_name": "rank", "to_name": "candidates", "type": "ranker",
+        "value": {"ranker": {"best": best, "acceptable": acceptable, "reject": reject}},
+    }
+    expect(ls.post(f"/api/tasks/{task_id}/annotations", json={"result": [region]}), 201, "submit the ranking")
+    pairs = read_pairs(trigger_snapshot(ls, stack, project.id))
+    expected = (
+        {(body[b], body[a], 0.5) for b in best for a in acceptable}
+        | {(body[b], body[r], 1.0) for b in best for r in reject}
+        | {(body[a], body[r], 0.5) for a in acceptable for r in reject}
+    )
+    assert {(p.chosen, p.rejected, p.margin) for p in pairs} == expected and len(pairs) == 5
+    assert all(p.task_id == task_id and p.source == "ranker-buckets" for p in pairs)
+    assert pairs[0].prompt == [{"role": "user", "content": data[task_id]["prompt"]}]
+
+
+def test_pairwise_project_gets_two_sides_and_a_pick_becomes_a_pair(ls, stack):
+    project, data = filled_project(ls, stack, "pairwise", key="answer_a")
+    for task_id in project.task_ids:
+        a, b = data[task_id]["candidates"]
+        assert (data[task_id]["answer_a"], data[task_id]["answer_b"]) == (a["body"], b["body"]) and a["body"] != b["body"]
+        (prediction,) = stored_predictions(ls, task_id)
+        assert prediction["result"][0]["type"] == "pairwise" and prediction["result"][0]["value"]["selected"] in ("left", "right")
+    task_id = project.task_ids[1]
+    region = {"from_name": "preference", "to_name": "answer_a", "type": "pairwise", "value": {"selected": "right"}}
+    expect(ls.post(f"/api/tasks/{task_id}/annotations", json={"result": [region]}), 201, "submit the pick")
+    pairs = read_pairs(trigger_snapshot(ls, stack, project.id))
+    assert [(p.task_id, p.chosen, p.rejected, p.source) for p in pairs] == [
+        (task_id, data[task_id]["answer_b"], data[task_id]["answer_a"], "pairwise")
+    ]
+
+
+def run_cli_prelabel(stack, project_id: int, *args: str) -> dict:
+    env = {**os.environ, **stack["env"], "DATAENGINE_ENGINE_URL": stack["engine_url"], "DATAENGINE_SERVED_MODEL_NAME": TINY_NAME,
+           "MODEL_DIR": str(stack["model_dir"])}
+    done = subprocess.run(
+        [sys.executable, "-m", "training.cli", "prelabel", "--project", str(project_id), *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "task/s" in done.stderr or "it/s" in done.stderr or "s/task" in done.stderr, done.stderr[-1000:]  # the progress bar
+    return json.loads(done.stdout)
+
+
+def test_cli_prelabels_a_whole_project_in_bulk_and_resumes(ls, stack):
+    project = create_connected_project(ls, stack["url"], "sentiment")
+    first = run_cli_prelabel(stack, project.id)
+    assert (first["mode"], first["seen"], first["done"], first["skipped"], first["failed"]) == ("predictions", 3, 3, 0, 0)
+    assert first["predictions"] == 9  # a closed set of 3 labels: one prediction per label and task
+    stored = {t: stored_predictions(ls, t) for t in project.task_ids}
+    for predictions in stored.values():
+        assert sorted(p["result"][0]["value"]["choices"][0] for p in predictions) == ["Negative", "Neutral", "Positive"]
+        assert {p["model_version"] for p in predictions} == {BASE_VERSION}
+        assert sum(p["score"] for p in predictions) == pytest.approx(1.0, abs=1e-4)
+    again = run_cli_prelabel(stack, project.id)
+    assert (again["done"], again["skipped"], again["predictions"]) == (0, 3, 0)
+    assert {t: [p["id"] for p in stored_predictions(ls, t)] for t in project.task_ids} == {t: [p["id"] for p in ps] for t, ps in stored.items()}
+    forced = run_cli_prelabel(stack, project.id, "--force", "--limit", "1")
+    assert (forced["done"], forced["predictions"]) == (1, 3)

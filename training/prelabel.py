@@ -1,0 +1,372 @@
+"""Pre-label a whole Label Studio project through the engine: `dataengine prelabel` and the RQ job behind
+`POST /prelabel` and the TASKS_CREATED webhook of ranking projects.
+
+Three stages overlap, so the engine never waits for Label Studio: a reader thread pages through the
+tasks (SDK), a pool keeps DATAENGINE_PRELABEL_CONCURRENCY tasks in flight at the engine (which batches
+them), and an uploader thread writes the results in bulk every DATAENGINE_PRELABEL_BATCH_SIZE predictions
+(`projects.import_predictions`). Two kinds of project:
+  * answer configs (what /predict serves): each task gets its N ranked predictions;
+  * ranking configs (<Ranker>/<Pairwise>, backend/ranking.py): each task's data gets N candidates
+    (`tasks.update`) plus one prediction with the model's order or pick.
+Resumable: a task that already holds a prediction of the serving model version (answer configs), or
+already holds candidates (ranking configs), is skipped unless `force`; whatever was uploaded before a
+crash stays done.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+from backend.engine_client import EngineClient
+from backend.images import LabelStudioAccess
+from backend.label_config import CompiledConfig, compile_label_config
+from backend.label_studio import client as label_studio_client
+from backend.predictor import PredictRequest, Predictor, TaskFailure
+from backend.projects import ProjectStore
+from backend.ranking import CandidateFiller, FilledTask, RankingConfig, compile_ranking_config, is_comparison_config
+from backend.registry import ServingVersion, VersionReader
+from backend.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+PAGE_SIZE = 500  # tasks per SDK page (Label Studio sets no maximum unless TASK_API_PAGE_SIZE_MAX)
+PREFETCH_TASKS = 2 * PAGE_SIZE  # tasks read ahead while the engine works
+MAX_REPORTED_ERRORS = 20
+UPDATE_THREADS = 8  # concurrent `tasks.update` calls while a batch of candidates is written
+
+
+class PrelabelError(RuntimeError):
+    """The run cannot start (no engine, no Label Studio, unsupported config); the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class PrelabelOptions:
+    project: str
+    force: bool = False
+    limit: int | None = None  # at most this many tasks pre-labelled in this run
+    task_ids: tuple[int, ...] = ()  # only these tasks (TASKS_CREATED); empty: the whole project
+
+
+@dataclass
+class PrelabelSummary:
+    project: str
+    mode: str  # "predictions" (answer configs) or "candidates" (ranking configs)
+    model_version: str
+    total: int | None = None  # tasks in the project, when Label Studio says
+    seen: int = 0
+    skipped: int = 0  # already pre-labelled with this version / already holding candidates
+    done: int = 0
+    failed: int = 0
+    predictions: int = 0  # predictions uploaded
+    tasks_updated: int = 0  # ranking configs: tasks whose data got candidates
+    seconds: float = 0.0
+    upload_seconds: float = 0.0  # time the uploader spent writing to Label Studio (overlaps the engine work)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        summary = asdict(self)
+        summary["tasks_per_s"] = round(self.done / self.seconds, 2) if self.seconds else None
+        return summary
+
+
+@dataclass
+class _Result:
+    task_id: Any
+    predictions: list[dict[str, Any]]
+    data: dict[str, Any] | None = None  # ranking configs: the task's new data
+
+
+class Prelabeler:
+    """One run over one project. `engine` and `ls` are injectable (bench, tests); by default from settings."""
+
+    def __init__(self, settings: Settings, engine: EngineClient | None = None, ls=None):
+        self.settings = settings
+        if engine is None:
+            if not settings.engine_url:
+                raise PrelabelError("DATAENGINE_ENGINE_URL is not set: point it at the running vLLM engine")
+            engine = EngineClient(settings.engine_url, settings.model_name, settings.engine_request_timeout)
+        if ls is None:
+            if not (settings.label_studio_url and settings.label_studio_api_key):
+                raise PrelabelError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set to pre-label a project")
+            ls = label_studio_client(settings.label_studio_url, settings.label_studio_api_key, timeout=120.0)
+        self.ls = ls
+        tuned = settings.model_copy(update={"predict_concurrency": settings.prelabel_concurrency})
+        self.predictor = Predictor(tuned, engine)
+        self.filler = CandidateFiller(self.predictor)
+        self.access = LabelStudioAccess(url=settings.label_studio_url, token=settings.label_studio_api_key, trusted=True)
+
+    def close(self) -> None:
+        self.predictor.close()
+
+    # --- the run -------------------------------------------------------------------------------------
+    def run(self, options: PrelabelOptions, progress: Callable[[PrelabelSummary], None] | None = None, bar: bool = False) -> PrelabelSummary:
+        plan = self._plan(options)
+        summary = plan.summary
+        started = time.monotonic()
+        tqdm_bar = _progress_bar(summary, options, bar)
+        on_upload = (lambda: progress(summary)) if progress else None
+        uploader = _Uploader(self.ls, int(options.project), self.settings.prelabel_batch_size, summary, on_upload)
+        try:
+            for result in self._results(plan, self._todo(plan, options, tqdm_bar)):
+                uploader.add(result)
+                summary.seconds = time.monotonic() - started
+                _tick(tqdm_bar, summary)
+            uploader.close()
+        finally:
+            uploader.abandon()
+            summary.seconds = time.monotonic() - started
+            if tqdm_bar is not None:
+                tqdm_bar.close()
+        if progress:
+            progress(summary)
+        return summary
+
+    def _plan(self, options: PrelabelOptions) -> "_Plan":
+        project = self.ls.projects.get(id=int(options.project))
+        xml = project.label_config or ""
+        instructions = getattr(project, "expert_instruction", "") or ""
+        version = VersionReader(self.settings.projects_dir, self.settings.model_name).current(options.project)
+        stored = ProjectStore(self.settings.projects_dir).get(options.project)
+        ranking = compile_ranking_config(xml, settings=self.settings) if is_comparison_config(xml) else None
+        config = None if ranking else compile_label_config(xml, settings=self.settings)
+        total = len(options.task_ids) if options.task_ids else getattr(project, "task_number", None)
+        summary = PrelabelSummary(options.project, "candidates" if ranking else "predictions", version.name, total=total)
+        return _Plan(
+            config=config, ranking=ranking, version=version, instructions=instructions, summary=summary,
+            candidates=stored.candidates or self.settings.candidates,
+            temperature=stored.temperature or self.settings.temperature,
+        )
+
+    def _todo(self, plan: "_Plan", options: PrelabelOptions, tqdm_bar) -> Iterator[dict[str, Any]]:
+        summary = plan.summary
+        for task in self._tasks(options):
+            if options.limit is not None and summary.seen - summary.skipped >= options.limit:
+                return
+            summary.seen += 1
+            if not options.force and plan.already_done(task):
+                summary.skipped += 1
+                _tick(tqdm_bar, summary)
+                continue
+            yield task
+
+    def _tasks(self, options: PrelabelOptions) -> Iterator[dict[str, Any]]:
+        return _read_ahead(self._read_tasks(options), PREFETCH_TASKS)
+
+    def _read_tasks(self, options: PrelabelOptions) -> Iterator[dict[str, Any]]:
+        if options.task_ids:
+            for task_id in options.task_ids:
+                yield _as_dict(self.ls.tasks.get(id=str(task_id)))
+            return
+        for task in self.ls.tasks.list(project=int(options.project), fields="all", page_size=PAGE_SIZE):
+            yield _as_dict(task)
+
+    def _results(self, plan: "_Plan", tasks: Iterable[dict[str, Any]]) -> Iterator[_Result]:
+        """Keep `prelabel_concurrency` tasks in flight; yield results as they complete (any order)."""
+        limit = self.settings.prelabel_concurrency
+        with ThreadPoolExecutor(max_workers=limit, thread_name_prefix="prelabel") as pool:
+            pending: set[Future] = set()
+            for task in tasks:
+                pending.add(pool.submit(self._one, plan, task))
+                if len(pending) >= limit:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    yield from self._collect(plan, finished)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                yield from self._collect(plan, finished)
+
+    def _collect(self, plan: "_Plan", finished: Iterable[Future]) -> Iterator[_Result]:
+        summary = plan.summary
+        for future in finished:
+            outcome = future.result()  # engine/server errors (5xx) end the run: resumable, nothing half-written
+            if isinstance(outcome, TaskFailure):
+                summary.failed += 1
+                if len(summary.errors) < MAX_REPORTED_ERRORS:
+                    summary.errors.append({"task": outcome.task_id, "status": outcome.error.status, "error": outcome.error.message})
+                continue
+            summary.done += 1
+            yield outcome
+
+    def _one(self, plan: "_Plan", task: dict[str, Any]) -> _Result | TaskFailure:
+        if plan.ranking is not None:
+            filled = self.filler.fill(
+                plan.ranking, task, version=plan.version, candidates=plan.candidates,
+                temperature=plan.temperature, instructions=plan.instructions,
+            )
+            if isinstance(filled, FilledTask):
+                return _Result(filled.task_id, [filled.prediction], filled.data)
+            return filled
+        request = PredictRequest(
+            config=plan.config, tasks=[task], version=plan.version, candidates=plan.candidates,
+            temperature=plan.temperature, instructions=plan.instructions, label_studio=self.access,
+        )
+        outcome = self.predictor.predict_each(request)
+        if outcome.failures:
+            return outcome.failures[0]
+        return _Result(task.get("id"), outcome.predictions[0])
+
+
+@dataclass
+class _Plan:
+    config: CompiledConfig | None
+    ranking: RankingConfig | None
+    version: ServingVersion
+    instructions: str
+    summary: PrelabelSummary
+    candidates: int
+    temperature: float
+
+    def already_done(self, task: dict[str, Any]) -> bool:
+        if self.ranking is not None:
+            return self.ranking.has_candidates(task)
+        return any(p.get("model_version") == self.version.name for p in task.get("predictions") or [] if isinstance(p, dict))
+
+
+class _Uploader:
+    """Buffers results and writes them in bulk on its own thread: task data first (ranking configs), then one
+    `import_predictions` call per batch, so a task never holds a prediction for candidates it lacks.
+    An upload error is raised on the next `add` or at `close`."""
+
+    def __init__(self, ls, project: int, batch_size: int, summary: PrelabelSummary, on_upload: Callable[[], None] | None):
+        self.ls, self.project, self.batch_size, self.summary, self.on_upload = ls, project, batch_size, summary, on_upload
+        self.buffer: list[_Result] = []
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
+        self._written: list[Future] = []
+
+    def add(self, result: _Result) -> None:
+        self.buffer.append(result)
+        if sum(len(r.predictions) for r in self.buffer) >= self.batch_size:
+            self._submit()
+
+    def close(self) -> None:
+        """Write what is left and wait for every batch; raises the first upload error."""
+        self._submit()
+        for future in self._written:
+            future.result()
+        self._writer.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        self._writer.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self) -> None:
+        for future in [f for f in self._written if f.done()]:
+            future.result()  # an earlier batch failed: stop here (the run is resumable)
+        batch, self.buffer = self.buffer, []
+        if batch:
+            self._written.append(self._writer.submit(self._write, batch))
+
+    def _write(self, batch: list[_Result]) -> None:
+        started = time.monotonic()
+        updates = [r for r in batch if r.data is not None]
+        if updates:
+            with ThreadPoolExecutor(max_workers=UPDATE_THREADS, thread_name_prefix="task-update") as pool:
+                list(pool.map(lambda r: self.ls.tasks.update(id=str(r.task_id), data=r.data), updates))
+            self.summary.tasks_updated += len(updates)
+        from label_studio_sdk import PredictionRequest
+
+        requests = [
+            PredictionRequest(task=int(r.task_id), result=p["result"], score=p.get("score"), model_version=p.get("model_version"))
+            for r in batch
+            for p in r.predictions
+        ]
+        if requests:
+            self.ls.projects.import_predictions(id=self.project, request=requests)
+        self.summary.predictions += len(requests)
+        self.summary.upload_seconds += time.monotonic() - started
+        if self.on_upload:
+            self.on_upload()
+
+
+_END = object()
+
+
+def _read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Iterate `items` on a reader thread, up to `depth` ahead; its exceptions are raised here."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put(_END)
+        except BaseException as exc:  # handed to the consumer
+            buffer.put(exc)
+
+    reader = threading.Thread(target=read, name="task-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def _as_dict(task: Any) -> dict[str, Any]:
+    data = task.model_dump(mode="json") if hasattr(task, "model_dump") else dict(task)
+    return {"id": data.get("id"), "data": data.get("data") or {}, "predictions": data.get("predictions") or []}
+
+
+def _progress_bar(summary: PrelabelSummary, options: PrelabelOptions, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    total = summary.total if options.limit is None else min(summary.total or options.limit, options.limit)
+    return tqdm(total=total, unit="task", desc=f"prelabel project {options.project}", dynamic_ncols=True)
+
+
+def _tick(bar, summary: PrelabelSummary) -> None:
+    if bar is None:
+        return
+    bar.n = summary.done + summary.failed + summary.skipped
+    bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=summary.failed, refresh=False)
+    bar.refresh()
+
+
+# --- entry points -----------------------------------------------------------------------------------
+
+
+def run_prelabel(
+    project: str, force: bool = False, limit: int | None = None, task_ids: list[int] | None = None,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """The RQ job (enqueued by name from backend/prelabel_queue.py); progress in the job's meta."""
+    from rq import get_current_job
+
+    settings = settings or get_settings()
+    job = get_current_job()
+
+    def report(summary: PrelabelSummary) -> None:
+        if job is not None:
+            job.meta["progress"] = {"stage": "prelabel", "at": time.time(), **_brief(summary)}
+            job.save_meta()
+
+    prelabeler = Prelabeler(settings)
+    try:
+        options = PrelabelOptions(str(project), bool(force), limit, tuple(task_ids or ()))
+        summary = prelabeler.run(options, progress=report)
+    finally:
+        prelabeler.close()
+    log.info("prelabel of project %s: %s", project, _brief(summary))
+    return summary.as_dict()
+
+
+def _brief(summary: PrelabelSummary) -> dict[str, Any]:
+    keys = ("total", "seen", "skipped", "done", "failed", "predictions", "tasks_updated")
+    return {k: getattr(summary, k) for k in keys} | {"seconds": round(summary.seconds, 2)}
