@@ -28,7 +28,7 @@ def export_project(
     project_obj = ls.projects.get(id=int(project))
     tasks = []
     for task in ls.tasks.list(project=int(project), fields="all", page_size=page_size):
-        tasks.append(_as_dict(task))
+        tasks.append(task_as_dict(task))
         if progress and len(tasks) % page_size == 0:
             progress(len(tasks))
     return ProjectExport(
@@ -39,7 +39,8 @@ def export_project(
     )
 
 
-def _as_dict(task: Any) -> dict[str, Any]:
+def task_as_dict(task: Any) -> dict[str, Any]:
+    """An SDK task as a plain dict, with `annotations` and `predictions` always lists."""
     data = task.model_dump(mode="json") if hasattr(task, "model_dump") else dict(task)
     data["annotations"] = data.get("annotations") or []
     data["predictions"] = data.get("predictions") or []

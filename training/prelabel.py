@@ -32,6 +32,8 @@ from backend.ranking import CandidateFiller, FilledTask, RankingConfig, compile_
 from backend.registry import ServingVersion, VersionReader
 from backend.settings import Settings, get_settings
 
+from .export import task_as_dict
+
 log = logging.getLogger(__name__)
 PAGE_SIZE = 500  # tasks per SDK page (Label Studio sets no maximum unless TASK_API_PAGE_SIZE_MAX)
 PREFETCH_TASKS = 2 * PAGE_SIZE  # tasks read ahead while the engine works
@@ -159,10 +161,10 @@ class Prelabeler:
     def _read_tasks(self, options: PrelabelOptions) -> Iterator[dict[str, Any]]:
         if options.task_ids:
             for task_id in options.task_ids:
-                yield _as_dict(self.ls.tasks.get(id=str(task_id)))
+                yield task_as_dict(self.ls.tasks.get(id=str(task_id)))
             return
         for task in self.ls.tasks.list(project=int(options.project), fields="all", page_size=PAGE_SIZE):
-            yield _as_dict(task)
+            yield task_as_dict(task)
 
     def _results(self, plan: "_Plan", tasks: Iterable[dict[str, Any]]) -> Iterator[_Result]:
         """Keep `prelabel_concurrency` tasks in flight; yield results as they complete (any order)."""
@@ -315,11 +317,6 @@ def _read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
             yield item
     finally:
         stop.set()
-
-
-def _as_dict(task: Any) -> dict[str, Any]:
-    data = task.model_dump(mode="json") if hasattr(task, "model_dump") else dict(task)
-    return {"id": data.get("id"), "data": data.get("data") or {}, "predictions": data.get("predictions") or []}
 
 
 def _progress_bar(summary: PrelabelSummary, options: PrelabelOptions, enabled: bool):
