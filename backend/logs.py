@@ -1,5 +1,5 @@
 """Logging set-up: plain text (default) or one JSON object per line (DATAENGINE_LOG_FORMAT=json), for the
-backend, the gunicorn access/error logs and the RQ worker alike. Stdlib logging only."""
+backend, the HTTP server's (granian's) own and access logs and the RQ worker alike. Stdlib logging only."""
 from __future__ import annotations
 
 import json
@@ -43,19 +43,18 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     root.setLevel(level.upper())
 
 
-def gunicorn_logconfig(level: str, fmt: str) -> dict[str, Any] | None:
-    """gunicorn's `logconfig_dict` for JSON logs (its access and error logs too); None keeps gunicorn's text."""
-    if fmt != "json":
-        return None
-    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+def server_logconfig(level: str, fmt: str) -> dict[str, Any]:
+    """granian's `log_dictconfig`: the root logger, granian's own and its access log, all in the chosen format.
+    Always a full config: granian applies its own (root without a handler) in the server process."""
+    formatter = {"()": "backend.logs.JsonFormatter"} if fmt == "json" else {"format": TEXT_FORMAT}
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"json": {"()": "backend.logs.JsonFormatter"}},
-        "handlers": {"console": handler, "error_console": handler},
+        "formatters": {"main": formatter},
+        "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "main", "stream": "ext://sys.stderr"}},
         "root": {"level": level.upper(), "handlers": ["console"]},
         "loggers": {
-            "gunicorn.error": {"level": level.upper(), "handlers": ["error_console"], "propagate": False},
-            "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
+            "_granian": {"level": level.upper(), "handlers": ["console"], "propagate": False},
+            "granian.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
         },
     }

@@ -3,7 +3,7 @@
 Two kinds, by where the numbers live:
 
 * Per-process counters and histograms (requests, latency, candidates, webhook events, annotation
-  outcomes): prometheus-client objects in the backend. Under gunicorn with several workers set
+  outcomes): prometheus-client objects in the backend. Under the HTTP server's several worker processes set
   PROMETHEUS_MULTIPROC_DIR (`dataengine serve` does) so /metrics aggregates every worker. Several backend
   replicas are several scrape targets: sum them in PromQL.
 * Cluster-wide state read from Redis at scrape time (`RedisCollector`): RQ queue depth and training-job
@@ -145,7 +145,7 @@ class RedisCollector:
 
 
 def render(redis: Redis | None = None, queue_name: str = "dataengine") -> tuple[bytes, str]:
-    """The /metrics payload: this process's (or every gunicorn worker's) metrics plus Redis-held state."""
+    """The /metrics payload: this process's (or every HTTP worker process's) metrics plus Redis-held state."""
     registry = CollectorRegistry(auto_describe=False)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.MultiProcessCollector(registry)

@@ -1,5 +1,5 @@
 """Per-project settings that Label Studio gives us at /setup, kept under MODEL_DIR so that every
-gunicorn worker and backend replica sharing the volume sees the same values."""
+HTTP worker process and backend replica sharing the volume sees the same values."""
 from __future__ import annotations
 
 import json

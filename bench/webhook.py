@@ -1,6 +1,6 @@
 """/webhook latency under concurrent Label Studio events, and proof that none is lost.
 
-Starts the backend under gunicorn (as `dataengine serve` runs it, no engine needed for webhooks),
+Starts the backend under granian (as `dataengine serve` runs it, no engine needed for webhooks),
 fires bursts of 50 concurrent ANNOTATION_CREATED events, and prints JSON: p50/p95/max latency,
 the same figures for the HTTP floor (a payload rejected with 400 before touching Redis) measured in the
 same run, their ratio, and the number of events Redis holds versus sent (lost must be 0).

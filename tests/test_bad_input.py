@@ -1,4 +1,4 @@
-"""Bad input to /setup and /predict gets a 4xx naming the problem, through the real gunicorn server,
+"""Bad input to /setup and /predict gets a 4xx naming the problem, through the real HTTP server (granian),
 and the process stays up and keeps serving."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ SENTIMENT, SENTIMENT_TASKS = load_config("sentiment")
 
 @pytest.fixture(scope="module")
 def server(engine_url, tmp_path_factory):
-    """`dataengine serve` attached to the session's engine (DATAENGINE_ENGINE_URL), under gunicorn."""
+    """`dataengine serve` attached to the session's engine (DATAENGINE_ENGINE_URL), under granian."""
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     extra = {"DATAENGINE_MAX_TEXT_CHARS": "100000", "DATAENGINE_RUN_WORKER": "0"}
     with run_backend(engine_url, tmp_path_factory.mktemp("serve"), log, extra) as (url, proc):
@@ -90,7 +90,7 @@ def test_server_still_serves_after_bad_input(server):
     response = post(url, "/predict", json={"tasks": SENTIMENT_TASKS, "label_config": SENTIMENT, "project": "5.1"})
     assert response.status_code == 200
     assert all(len(predictions) == 3 for predictions in response.json()["results"])
-    metrics = httpx.get(url + "/metrics", timeout=5).text  # aggregated over both gunicorn workers
+    metrics = httpx.get(url + "/metrics", timeout=5).text  # aggregated over both HTTP worker processes
     assert 'dataengine_requests_total{endpoint="predict",status="200"}' in metrics
     assert proc.poll() is None
 

@@ -1,4 +1,4 @@
-"""DATAENGINE_LOG_FORMAT=json: one JSON object per line from the backend, gunicorn and the worker."""
+"""DATAENGINE_LOG_FORMAT=json: one JSON object per line from the backend, the HTTP server (granian) and the worker."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from backend.logs import JsonFormatter, configure_logging, gunicorn_logconfig
+from backend.logs import JsonFormatter, configure_logging, server_logconfig
 from tests.conftest import run_backend
 
 
@@ -37,12 +37,15 @@ def test_configure_logging_switches_the_root_handler(capsys):
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
-    assert gunicorn_logconfig("INFO", "text") is None
+    for fmt, formatter in (("text", "format"), ("json", "()")):
+        config = server_logconfig("WARNING", fmt)
+        assert formatter in config["formatters"]["main"]
+        assert config["root"]["level"] == "WARNING" and config["loggers"]["granian.access"]["level"] == "INFO"
 
 
 @pytest.mark.engine
-def test_serve_logs_json_and_serves_metrics_under_gunicorn(tmp_path, engine_url):
-    """The real `dataengine serve` (gunicorn, 2 workers, multiprocess metrics) with JSON logs."""
+def test_serve_logs_json_and_serves_metrics_under_granian(tmp_path, engine_url):
+    """The real `dataengine serve` (granian, 2 workers, multiprocess metrics) with JSON logs."""
     env = {"DATAENGINE_LOG_FORMAT": "json", "REDIS_URL": "redis://127.0.0.1:6379/10"}
     log_path = tmp_path / "serve.log"
     with run_backend(engine_url, tmp_path / "model_dir", log_path, env) as (url, _):
@@ -53,5 +56,5 @@ def test_serve_logs_json_and_serves_metrics_under_gunicorn(tmp_path, engine_url)
         assert {"dataengine_requests", "dataengine_redis_up", "dataengine_queue_jobs"} <= names
     entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     loggers = {e["logger"] for e in entries}
-    assert {"dataengine", "gunicorn.error", "gunicorn.access"} <= loggers, loggers
-    assert any("GET /health" in e["message"] for e in entries if e["logger"] == "gunicorn.access")
+    assert {"dataengine", "_granian", "granian.access"} <= loggers, loggers
+    assert any("GET /health" in e["message"] for e in entries if e["logger"] == "granian.access")

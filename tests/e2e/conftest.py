@@ -1,5 +1,5 @@
 """Session fixtures for the end-to-end tests: ONE real Label Studio 1.23.2 server, the tiny vLLM engine
-(`engine_url` from tests/conftest.py) and our backend as a real gunicorn process (`dataengine serve`),
+(`engine_url` from tests/conftest.py) and our backend as a real granian process (`dataengine serve`),
 wired the way the README's "Connect to Label Studio" section tells a user to.
 
 Everything the tests check goes through Label Studio's REST API (legacy `Token` auth); our backend's own
