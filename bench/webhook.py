@@ -4,8 +4,10 @@ Starts the backend under granian (as `dataengine serve` runs it, no engine neede
 fires bursts of 50 concurrent ANNOTATION_CREATED events, and prints JSON: p50/p95/max latency,
 the same figures for the HTTP floor (a payload rejected with 400 before touching Redis) measured in the
 same run, their ratio, and the number of events Redis holds versus sent (lost must be 0).
+The whole measurement repeats (--repeats, default 5) against the same server; the summary gives the
+median of the repeats' figures, since a shared machine's noise moves single runs by tens of ms.
 
-    .venv/bin/python bench/webhook.py [--concurrency 50] [--rounds 10]
+    .venv/bin/python bench/webhook.py [--concurrency 50] [--rounds 10] [--repeats 5]
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ sys.path.insert(0, str(REPO))
 from tests.conftest import run_backend  # noqa: E402
 
 PROJECT = 4242
+TARGET_P95_MS = 50  # issue 4
 
 
 def event(annotation_id: int) -> dict:
@@ -121,6 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5, help="whole measurements; the summary is their median")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     args = parser.parse_args()
     redis = Redis.from_url(args.redis_url)
@@ -129,8 +133,29 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="dataengine-bench-"))
     # webhooks never call the engine: a closed port stands in for it
     with run_backend("http://127.0.0.1:9", workdir / "model_dir", workdir / "backend.log", env) as (url, _):
-        report = measure(url, args, redis)
-    print(json.dumps(report, indent=2))
+        runs = [measure(url, args, redis) for _ in range(args.repeats)]
+    print(json.dumps(summarize(runs), indent=2))
+
+
+def summarize(runs: list[dict]) -> dict:
+    """The median over repeats of each latency figure, every repeat's p95, and events lost in all of them."""
+    def median_of(section: str, figure: str) -> float:
+        return round(statistics.median(run[section][figure] for run in runs), 2)
+
+    p95 = median_of("webhook", "p95_ms")
+    return {
+        "repeats": len(runs),
+        "events_sent": sum(run["events_sent"] for run in runs),
+        "lost": sum(run["lost"] for run in runs),
+        "webhook_median": {"p50_ms": median_of("webhook", "p50_ms"), "p95_ms": p95, "max_ms": median_of("webhook", "max_ms")},
+        "http_floor_400_median": {"p50_ms": median_of("http_floor_400", "p50_ms"),
+                                  "p95_ms": median_of("http_floor_400", "p95_ms")},
+        "p95_ratio_vs_floor_median": round(statistics.median(run["p95_ratio_vs_floor"] for run in runs), 2),
+        "webhook_p95_per_repeat_ms": [run["webhook"]["p95_ms"] for run in runs],
+        "target_p95_ms": TARGET_P95_MS,
+        "meets_target": p95 <= TARGET_P95_MS,
+        "runs": runs,
+    }
 
 
 def measure(url: str, args, redis: Redis) -> dict:
@@ -151,7 +176,6 @@ def measure(url: str, args, redis: Redis) -> dict:
             "webhook_server_side": server_side,
             "http_floor_400": baseline,
             "p95_ratio_vs_floor": round(webhook["p95_ms"] / max(baseline["p95_ms"], 1e-6), 2),
-            "target_p95_ms": 50,
         }
     finally:
         redis.flushdb()
