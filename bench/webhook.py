@@ -1,24 +1,27 @@
 """/webhook latency under concurrent Label Studio events, and proof that none is lost.
 
 Starts the backend under granian (as `dataengine serve` runs it, no engine needed for webhooks),
-fires bursts of 50 concurrent ANNOTATION_CREATED events, and prints JSON: p50/p95/max latency,
+fires bursts of 50 concurrent ANNOTATION_CREATED events (each on a new connection, as Label Studio sends
+webhooks; --keep-alive reuses connections), and prints JSON: p50/p95/max latency,
 the same figures for the HTTP floor (a payload rejected with 400 before touching Redis) measured in the
 same run, their ratio, and the number of events Redis holds versus sent (lost must be 0).
 The whole measurement repeats (--repeats, default 5) against the same server; the summary gives the
 median of the repeats' figures, since a shared machine's noise moves single runs by tens of ms.
 
-    .venv/bin/python bench/webhook.py [--concurrency 50] [--rounds 10] [--repeats 5]
+    .venv/bin/python bench/webhook.py [--concurrency 50] [--rounds 10] [--repeats 5] [--keep-alive]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import httpx
@@ -73,24 +76,42 @@ class Connection:
         self.writer.close()
 
 
-async def burst(connections: list[Connection], payloads: list) -> tuple[list[float], list[int]]:
-    """All payloads at once, one per connection, as Label Studio fires them after a bulk action."""
-    results = await asyncio.gather(*(c.post("/webhook", p) for c, p in zip(connections, payloads)))
+async def post_on_new_connection(url: str, payload: dict) -> tuple[float, int]:
+    """One event the way Label Studio sends it (`requests.post`, no session): connect, post, close.
+    The latency includes the TCP connect."""
+    start = time.perf_counter()
+    connection = await Connection.open(url)
+    try:
+        _, status = await connection.post("/webhook", payload)
+    finally:
+        connection.close()
+    return time.perf_counter() - start, status
+
+
+Sender = Callable[[dict], Awaitable[tuple[float, int]]]
+
+
+async def burst(senders: list[Sender], payloads: list) -> tuple[list[float], list[int]]:
+    """All payloads at once, one per sender, as Label Studio fires them after a bulk action."""
+    results = await asyncio.gather(*(send(p) for send, p in zip(senders, payloads)))
     return [r[0] for r in results], [r[1] for r in results]
 
 
-async def run_bursts(url: str, concurrency: int, rounds: int, redis: Redis) -> tuple[list[float], list[float], list[int]]:
-    connections = [await Connection.open(url) for _ in range(concurrency)]
+async def run_bursts(url: str, concurrency: int, rounds: int, redis: Redis,
+                     keep_alive: bool) -> tuple[list[float], list[float], list[int]]:
+    connections = [await Connection.open(url) for _ in range(concurrency)] if keep_alive else []
+    senders: list[Sender] = ([functools.partial(c.post, "/webhook") for c in connections] if keep_alive
+                             else [functools.partial(post_on_new_connection, url)] * concurrency)
     try:
-        await burst(connections, [event(-i) for i in range(1, concurrency + 1)])  # warm-up
+        await burst(senders, [event(-i) for i in range(1, concurrency + 1)])  # warm-up
         redis.flushdb()
         latencies, floor, statuses = [], [], []
         for round_ in range(rounds):
             ids = range(round_ * concurrency + 1, (round_ + 1) * concurrency + 1)
-            times, codes = await burst(connections, [event(i) for i in ids])
+            times, codes = await burst(senders, [event(i) for i in ids])
             latencies += times
             statuses += codes
-            floor += (await burst(connections, [{"action": "ANNOTATION_CREATED"}] * concurrency))[0]
+            floor += (await burst(senders, [{"action": "ANNOTATION_CREATED"}] * concurrency))[0]
     finally:
         for connection in connections:
             connection.close()
@@ -124,6 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--keep-alive", action="store_true",
+                        help="reuse one connection per sender (default: a new connection per event, as Label Studio does)")
     parser.add_argument("--repeats", type=int, default=5, help="whole measurements; the summary is their median")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     args = parser.parse_args()
@@ -145,6 +168,7 @@ def summarize(runs: list[dict]) -> dict:
     p95 = median_of("webhook", "p95_ms")
     return {
         "repeats": len(runs),
+        "connections": runs[0]["connections"],
         "events_sent": sum(run["events_sent"] for run in runs),
         "lost": sum(run["lost"] for run in runs),
         "webhook_median": {"p50_ms": median_of("webhook", "p50_ms"), "p95_ms": p95, "max_ms": median_of("webhook", "max_ms")},
@@ -160,13 +184,14 @@ def summarize(runs: list[dict]) -> dict:
 
 def measure(url: str, args, redis: Redis) -> dict:
     try:
-        latencies, floor, statuses = asyncio.run(run_bursts(url, args.concurrency, args.rounds, redis))
+        latencies, floor, statuses = asyncio.run(run_bursts(url, args.concurrency, args.rounds, redis, args.keep_alive))
         server_side = server_side_quantiles(url)
         sent = args.concurrency * args.rounds
         stored = redis.xlen(f"dataengine:events:{PROJECT}")
         webhook, baseline = percentiles(latencies), percentiles(floor)
         report = {
             "concurrency": args.concurrency,
+            "connections": "keep-alive" if args.keep_alive else "new per event",
             "events_sent": sent,
             "events_ok": sum(1 for s in statuses if s == 200),
             "events_in_redis": stored,
