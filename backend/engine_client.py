@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from .errors import EngineRejected, EngineUnavailable, RequestError
+from .thread_transport import PerThreadTransport
 
 
 class UnknownModel(RequestError):
@@ -44,8 +45,10 @@ class EngineClient:
         self._next_url = itertools.cycle(self.base_urls)
         self._adapters: set[str] = set()
         self._lock = threading.Lock()
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=4.0)
-        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0), limits=limits)
+        # A connection pool per thread (the predictor's pool threads share this client); keep-alive below the
+        # engine's (uvicorn) 5 s idle timeout
+        transport = PerThreadTransport(limits=httpx.Limits(keepalive_expiry=4.0))
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0), transport=transport)
 
     def _url(self) -> str:
         with self._lock:  # spread requests over engine replicas

@@ -32,6 +32,7 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from .errors import RequestError
+from .thread_transport import PerThreadTransport
 
 # Formats Pillow decodes that vision-language processors handle; anything else is a 415.
 ALLOWED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
@@ -127,7 +128,9 @@ class ImageFetcher:
 
     def __init__(self, limits: ImageLimits, http: httpx.Client | None = None):
         self.limits = limits
-        self._http = http or httpx.Client(timeout=httpx.Timeout(limits.timeout), follow_redirects=False)
+        self._http = http or httpx.Client(
+            timeout=httpx.Timeout(limits.timeout), follow_redirects=False, transport=PerThreadTransport()
+        )
 
     def prepare(self, reference: str, access: LabelStudioAccess, where: str) -> PreparedImage:
         """Fetch, validate and re-encode the image `reference`; `where` names it in errors ("task 3 image 'img'")."""

@@ -7,9 +7,14 @@ log = logging.getLogger(__name__)
 
 
 def client(url: str, api_key: str, timeout: float = 10.0):
+    """The SDK client; thread-safe (prelabel shares it between its reader and writer threads)."""
+    import httpx
     from label_studio_sdk import LabelStudio
 
-    return LabelStudio(base_url=url.rstrip("/"), api_key=api_key, timeout=timeout)
+    from .thread_transport import PerThreadTransport
+
+    http = httpx.Client(timeout=timeout, follow_redirects=True, transport=PerThreadTransport())
+    return LabelStudio(base_url=url.rstrip("/"), api_key=api_key, timeout=timeout, httpx_client=http)
 
 
 def fetch_instructions(url: str, api_key: str, project: str, timeout: float = 3.0) -> str | None:
