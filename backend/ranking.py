@@ -4,7 +4,9 @@ A Label Studio prediction cannot add items to a `<List>`, so for these projects 
 generated candidates into each task (`candidates: [{id, title, body}]`) and stores the model's opinion
 as a prediction: a Ranker order (bucket mode: the order split over the buckets) or a Pairwise pick.
 This module reads such a config, generates one task's candidates through the Predictor, and builds the
-task's new data and its prediction; `training/prelabel.py` runs it over whole projects.
+task's new data and its prediction; `training/prelabel.py` runs it over whole projects. The config's tags
+(`parse_comparison_tags`) and the readers of a Ranker/Pairwise result live here too, next to the builders:
+`training/preferences.py` reads the annotators' rankings with them.
 
 Two generation modes, chosen by the config:
   * responses: no answer control besides the Ranker/Pairwise; each candidate is a free-text response
@@ -24,7 +26,7 @@ from functools import lru_cache
 from typing import Any
 
 from .errors import InvalidTaskData, UnsupportedLabelConfig
-from .label_config import SUPPORTED_CONTROLS, CompiledConfig, TextAreaControl, TextObject, compile_label_config
+from .label_config import SUPPORTED_CONTROLS, CompiledConfig, TextAreaControl, TextObject, compile_label_config, html_to_text
 from .predictor import PredictRequest, Predictor, TaskFailure
 from .registry import ServingVersion
 
@@ -34,20 +36,84 @@ PROMPT_TAGS = {"Text": "Text", "HyperText": "HyperText"}
 CANDIDATES_KEY = "candidates"  # where candidates go when the config has no <List> (pairwise only)
 RESPONSE_CONTROL = "response"
 RESPONSE_HINT = "your answer to the prompt, as the assistant"
+UNPLACED_BUCKET = "_"  # Label Studio's pool of items not moved into any bucket
+
+
+@dataclass(frozen=True)
+class DataObject:
+    """A tag that reads a task field (`value="$field"`): `<Text>`, `<HyperText>`, `<Paragraphs>`, `<List>`..."""
+
+    name: str
+    tag: str  # as written in the config
+    data_key: str
+    attrs: dict[str, str]
+
+    @property
+    def kind(self) -> str:
+        return self.tag.lower()
+
+    def read_text(self, task: dict[str, Any]) -> str:
+        value = (task.get("data") or {}).get(self.data_key)
+        if value is None:
+            return ""
+        if self.kind == "paragraphs" and isinstance(value, list):
+            return _paragraphs_text(value, self.attrs.get("nameKey", "author"), self.attrs.get("textKey", "text"))
+        if isinstance(value, (dict, list)):
+            raise InvalidTaskData(f"task field '{self.data_key}' read by <{self.kind} name=\"{self.name}\"> is not text")
+        return html_to_text(str(value)) if self.kind == "hypertext" else str(value)
 
 
 @dataclass(frozen=True)
 class RankerSpec:
     name: str
-    list_name: str
+    items: DataObject  # the <List> it orders
     buckets: tuple[str, ...]  # config order, best first; empty: plain ranking
+
+    def ranking(self, result: list[dict[str, Any]]) -> dict[str, list] | None:
+        """This Ranker's value in a result: ids keyed by the Ranker's name (plain) or by bucket."""
+        for region in result:
+            if region.get("type") == "ranker" and region.get("from_name") == self.name:
+                ranking = (region.get("value") or {}).get("ranker")
+                if isinstance(ranking, dict):
+                    return ranking
+        return None
+
+    def ranked_ids(self, ranking: dict[str, list]) -> list:
+        """A plain ranking's ids, best first. Label Studio keys it by the Ranker's name; a lone other key is
+        accepted too."""
+        if self.name in ranking:
+            return list(ranking[self.name])
+        named = [ids for key, ids in ranking.items() if key != UNPLACED_BUCKET]
+        return list(named[0]) if len(named) == 1 else []
 
 
 @dataclass(frozen=True)
 class PairwiseSpec:
     name: str
-    left: TextObject
-    right: TextObject
+    left: DataObject
+    right: DataObject
+
+    def selected(self, result: list[dict[str, Any]]) -> str | None:
+        """"left" or "right": the side this Pairwise picked in a result, None when it picked none."""
+        for region in result:
+            if region.get("type") == "pairwise" and region.get("from_name") == self.name:
+                selected = (region.get("value") or {}).get("selected")
+                return selected if selected in ("left", "right") else None
+        return None
+
+
+@dataclass(frozen=True)
+class ComparisonTags:
+    """What a comparison config declares; the backend compiles it for generation, training reads results with it."""
+
+    objects: dict[str, DataObject]  # by name
+    ranker: RankerSpec | None
+    pairwise: PairwiseSpec | None
+
+    def unpaired_objects(self) -> list[DataObject]:
+        """The data objects other than the Pairwise sides (where the prompt is)."""
+        sides = {self.pairwise.left.name, self.pairwise.right.name} if self.pairwise else set()
+        return [o for o in self.objects.values() if o.name not in sides]
 
 
 @dataclass(frozen=True)
@@ -108,19 +174,19 @@ def compile_ranking_config(xml: str, *, settings=None) -> RankingConfig:
 @lru_cache(maxsize=64)
 def _compile_cached(xml: str, textarea_max: int, max_entities: int, ngram_max: int) -> RankingConfig:
     root = _parse(xml)
-    objects = _data_objects(root)
-    ranker = _ranker_spec(root, objects)
-    pairwise = _pairwise_spec(root, objects)
+    tags = parse_comparison_tags(root)
+    ranker, pairwise = tags.ranker, tags.pairwise
     if ranker is None and pairwise is None:
         raise UnsupportedLabelConfig("a ranking config needs a <Ranker> (over a <List>) or a <Pairwise>")
-    key = objects[ranker.list_name][1] if ranker else CANDIDATES_KEY
+    _check_generatable(tags)
+    key = ranker.items.data_key if ranker else CANDIDATES_KEY
     has_controls = any(element.tag in SUPPORTED_CONTROLS for element in root.iter())
     if has_controls:
         stripped = _without_layout_tags(root)
         settings = _CompileSettings(textarea_max, max_entities, ngram_max)
         answer = compile_label_config(stripped, settings=settings)
     else:
-        answer = _response_config(root, objects, pairwise, textarea_max)
+        answer = _response_config(tags, textarea_max)
     return RankingConfig(answer, key, ranker, pairwise, label_candidates=has_controls)
 
 
@@ -140,41 +206,54 @@ def _parse(xml: str) -> ET.Element:
         raise UnsupportedLabelConfig(f"label_config is not valid XML: {exc}") from exc
 
 
-def _data_objects(root: ET.Element) -> dict[str, tuple[str, str]]:
-    """name -> (tag, task field) for every tag that reads a task field (value="$field")."""
+def parse_comparison_tags(root: ET.Element) -> ComparisonTags:
+    """The config's data objects, <Ranker> and <Pairwise>; raises UnsupportedLabelConfig when one of them
+    does not point at objects that read task data."""
+    objects = _data_objects(root)
+    return ComparisonTags(objects, _ranker_spec(root, objects), _pairwise_spec(root, objects))
+
+
+def _data_objects(root: ET.Element) -> dict[str, DataObject]:
     objects = {}
     for element in root.iter():
         name, value = element.get("name"), element.get("value") or ""
         if name and value.startswith("$") and len(value) > 1:
-            objects[name] = (element.tag, value[1:])
+            objects[name] = DataObject(name, element.tag, value[1:], dict(element.attrib))
     return objects
 
 
-def _ranker_spec(root: ET.Element, objects: dict[str, tuple[str, str]]) -> RankerSpec | None:
+def _ranker_spec(root: ET.Element, objects: dict[str, DataObject]) -> RankerSpec | None:
     tag = next((e for e in root.iter() if e.tag.lower() == "ranker"), None)
     if tag is None:
         return None
-    name, target = tag.get("name") or "", tag.get("toName") or ""
-    if not name or objects.get(target, ("",))[0].lower() != "list":
-        raise UnsupportedLabelConfig(
-            f"<Ranker name=\"{name}\"> needs a name and toName naming a <List value=\"$candidates\"> that reads task data"
-        )
+    name, target = tag.get("name") or "", objects.get(tag.get("toName") or "")
+    if target is None or target.kind != "list":
+        raise UnsupportedLabelConfig(_RANKER_NEEDS.format(name=name))
     buckets = tuple(b.get("name") for b in tag if b.tag.lower() == "bucket" and b.get("name"))
-    return RankerSpec(name=name, list_name=target, buckets=buckets)
+    return RankerSpec(name=name, items=target, buckets=buckets)
 
 
-def _pairwise_spec(root: ET.Element, objects: dict[str, tuple[str, str]]) -> PairwiseSpec | None:
+def _pairwise_spec(root: ET.Element, objects: dict[str, DataObject]) -> PairwiseSpec | None:
     tag = next((e for e in root.iter() if e.tag.lower() == "pairwise"), None)
     if tag is None:
         return None
+    name = tag.get("name") or ""
     names = [n.strip() for n in (tag.get("toName") or "").split(",")]
-    sides = [objects.get(n) for n in names]
-    if len(names) != 2 or any(side is None or side[0] not in PROMPT_TAGS for side in sides):
-        raise UnsupportedLabelConfig(
-            f"<Pairwise name=\"{tag.get('name')}\"> needs toName=\"left,right\" naming two <Text value=\"$field\"> objects"
-        )
-    left, right = (TextObject(name=n, tag=s[0], data_key=s[1]) for n, s in zip(names, sides))
-    return PairwiseSpec(name=tag.get("name") or "", left=left, right=right)
+    if len(names) != 2 or not all(n in objects for n in names):
+        raise UnsupportedLabelConfig(_PAIRWISE_NEEDS.format(name=name))
+    return PairwiseSpec(name=name, left=objects[names[0]], right=objects[names[1]])
+
+
+_RANKER_NEEDS = '<Ranker name="{name}"> needs a name and toName naming a <List value="$candidates"> that reads task data'
+_PAIRWISE_NEEDS = '<Pairwise name="{name}"> needs toName="left,right" naming two <Text value="$field"> objects'
+
+
+def _check_generatable(tags: ComparisonTags) -> None:
+    """What generation needs beyond what training reads: a named Ranker, and Pairwise sides that are texts."""
+    if tags.ranker is not None and not tags.ranker.name:
+        raise UnsupportedLabelConfig(_RANKER_NEEDS.format(name=""))
+    if tags.pairwise is not None and not all(s.tag in PROMPT_TAGS for s in (tags.pairwise.left, tags.pairwise.right)):
+        raise UnsupportedLabelConfig(_PAIRWISE_NEEDS.format(name=tags.pairwise.name))
 
 
 def _without_layout_tags(root: ET.Element) -> str:
@@ -187,12 +266,9 @@ def _without_layout_tags(root: ET.Element) -> str:
     return ET.tostring(copy, encoding="unicode")
 
 
-def _response_config(root, objects, pairwise: PairwiseSpec | None, textarea_max: int) -> CompiledConfig:
-    sides = {pairwise.left.name, pairwise.right.name} if pairwise else set()
+def _response_config(tags: ComparisonTags, textarea_max: int) -> CompiledConfig:
     prompts = tuple(
-        TextObject(name=name, tag=tag, data_key=key)
-        for name, (tag, key) in objects.items()
-        if tag in PROMPT_TAGS and name not in sides
+        TextObject(name=o.name, tag=o.tag, data_key=o.data_key) for o in tags.unpaired_objects() if o.tag in PROMPT_TAGS
     )
     if not prompts:
         raise UnsupportedLabelConfig(
@@ -200,6 +276,15 @@ def _response_config(root, objects, pairwise: PairwiseSpec | None, textarea_max:
         )
     control = TextAreaControl(name=RESPONSE_CONTROL, tag="TextArea", target=prompts[0], hint=RESPONSE_HINT, max_chars=textarea_max)
     return CompiledConfig(controls=(control,), objects=prompts)
+
+
+def _paragraphs_text(paragraphs: list, name_key: str, text_key: str) -> str:
+    lines = []
+    for paragraph in paragraphs:
+        if isinstance(paragraph, dict):
+            speaker, said = paragraph.get(name_key), paragraph.get(text_key, "")
+            lines.append(f"{speaker}: {said}" if speaker else str(said))
+    return "\n".join(lines)
 
 
 # --- candidates -------------------------------------------------------------------------------------
@@ -258,7 +343,7 @@ def ranker_result(spec: RankerSpec, ordered_ids: list[str]) -> dict[str, Any]:
         count = len(ordered_ids)
         for rank, identifier in enumerate(ordered_ids):
             ranking[spec.buckets[min(len(spec.buckets) - 1, rank * len(spec.buckets) // count)]].append(identifier)
-    return {"from_name": spec.name, "to_name": spec.list_name, "type": "ranker", "value": {"ranker": ranking}}
+    return {"from_name": spec.name, "to_name": spec.items.name, "type": "ranker", "value": {"ranker": ranking}}
 
 
 def pairwise_result(spec: PairwiseSpec, left: Item, right: Item) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from backend.candidates import REGION_CONTENT, canonical_key
 from backend.errors import InvalidTaskData, UnsupportedLabelConfig
 from backend.label_config import CompiledConfig, compile_label_config, html_to_text
 from backend.prompts import build_messages
+from backend.ranking import COMPARISON_TAGS, UNPLACED_BUCKET, DataObject, PairwiseSpec, RankerSpec, parse_comparison_tags
 
 SOURCE_ANNOTATION = "annotation>prediction"
 SOURCE_PICKED = "picked>unpicked"
@@ -32,7 +33,6 @@ SOURCE_BUCKETS = "ranker-buckets"
 SOURCE_PAIRWISE = "pairwise"
 
 PICKED_MARGIN = 0.5
-UNPLACED_BUCKET = "_"  # Label Studio's pool of items not moved into any bucket
 COUNT_KEYS = (
     "tasks", "annotations", "cancelled", "empty", "excluded_annotations", "invalid_tasks",
     "ties", "dropped_low_agreement", "pairs", "sft",
@@ -298,7 +298,7 @@ def load_project(label_config_xml: str, instructions: str = "") -> Project:
         root = ET.fromstring(label_config_xml)
     except ET.ParseError as exc:
         raise UnsupportedLabelConfig(f"label_config is not valid XML: {exc}") from exc
-    if any(element.tag.lower() in ("ranker", "pairwise") for element in root.iter()):
+    if any(element.tag.lower() in COMPARISON_TAGS for element in root.iter()):
         return ComparisonProject.from_xml(root)
     return AnswerProject(compile_label_config(label_config_xml, instructions), instructions)
 
@@ -378,54 +378,15 @@ def canonical_json(answer: Any) -> str:
 # --- comparison projects (Ranker / Pairwise) -------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DataObject:
-    """An object tag that reads a task field: `<Text value="$prompt">`, `<List value="$candidates">`..."""
-
-    name: str
-    tag: str  # lower-case tag name
-    data_key: str
-    attrs: dict[str, str]
-
-    def read_text(self, task: dict[str, Any]) -> str:
-        value = (task.get("data") or {}).get(self.data_key)
-        if value is None:
-            return ""
-        if self.tag == "paragraphs" and isinstance(value, list):
-            return _paragraphs_text(value, self.attrs.get("nameKey", "author"), self.attrs.get("textKey", "text"))
-        if isinstance(value, (dict, list)):
-            raise InvalidTaskData(f"task field '{self.data_key}' read by <{self.tag} name=\"{self.name}\"> is not text")
-        return html_to_text(str(value)) if self.tag == "hypertext" else str(value)
-
-
-@dataclass(frozen=True)
-class RankerSpec:
-    name: str
-    items: DataObject
-    buckets: tuple[str, ...]  # config order: earlier is better
-
-
-@dataclass(frozen=True)
-class PairwiseSpec:
-    name: str
-    left: DataObject
-    right: DataObject
-
-
 class ComparisonProject(Project):
     def __init__(self, ranker: RankerSpec | None, pairwise: PairwiseSpec | None, prompt_objects: tuple[DataObject, ...]):
         self.ranker, self.pairwise, self.prompt_objects = ranker, pairwise, prompt_objects
 
     @classmethod
     def from_xml(cls, root: ET.Element) -> "ComparisonProject":
-        objects = _data_objects(root)
-        ranker = _ranker_spec(root, objects)
-        pairwise = _pairwise_spec(root, objects)
-        sides = {pairwise.left.name, pairwise.right.name} if pairwise else set()
-        prompt_objects = tuple(
-            o for o in objects.values() if o.tag in ("text", "hypertext", "paragraphs") and o.name not in sides
-        )
-        return cls(ranker, pairwise, prompt_objects)
+        tags = parse_comparison_tags(root)
+        prompt_objects = tuple(o for o in tags.unpaired_objects() if o.kind in ("text", "hypertext", "paragraphs"))
+        return cls(tags.ranker, tags.pairwise, prompt_objects)
 
     # identity: what counts as "the same answer" for consensus
     def identity(self, result: list[dict[str, Any]]) -> str:
@@ -480,13 +441,13 @@ class ComparisonProject(Project):
         items = _list_items(self.ranker.items, task)
         if self.ranker.buckets:
             return _bucket_pairs(ranking, self.ranker.buckets, items)
-        return _rank_pairs(self._ranked_ids(ranking), items)
+        return _rank_pairs(self.ranker.ranked_ids(ranking), items)
 
     def _best(self, task: dict[str, Any], result: list[dict[str, Any]]) -> str | None:
         ranking = self._ranking(result)
         if ranking is not None:
             items = _list_items(self.ranker.items, task)
-            ordered = ranking.get(self.ranker.buckets[0], []) if self.ranker.buckets else self._ranked_ids(ranking)
+            ordered = ranking.get(self.ranker.buckets[0], []) if self.ranker.buckets else self.ranker.ranked_ids(ranking)
             top = [items[i] for i in ordered if i in items]
             return top[0] if top else None
         selected = self._selected_side(result)
@@ -495,30 +456,10 @@ class ComparisonProject(Project):
         return None
 
     def _ranking(self, result: list[dict[str, Any]]) -> dict[str, list] | None:
-        if self.ranker is None:
-            return None
-        for region in result:
-            if region.get("type") == "ranker" and region.get("from_name") == self.ranker.name:
-                ranking = (region.get("value") or {}).get("ranker")
-                if isinstance(ranking, dict):
-                    return ranking
-        return None
-
-    def _ranked_ids(self, ranking: dict[str, list]) -> list:
-        # Label Studio keys a plain ranking by the Ranker's own name; accept a lone other key too
-        if self.ranker.name in ranking:
-            return list(ranking[self.ranker.name])
-        named = [ids for key, ids in ranking.items() if key != UNPLACED_BUCKET]
-        return list(named[0]) if len(named) == 1 else []
+        return self.ranker.ranking(result) if self.ranker else None
 
     def _selected_side(self, result: list[dict[str, Any]]) -> str | None:
-        if self.pairwise is None:
-            return None
-        for region in result:
-            if region.get("type") == "pairwise" and region.get("from_name") == self.pairwise.name:
-                selected = (region.get("value") or {}).get("selected")
-                return selected if selected in ("left", "right") else None
-        return None
+        return self.pairwise.selected(result) if self.pairwise else None
 
 
 def _rank_pairs(ranked_ids: list, items: dict[Any, str]) -> list[tuple[str, str, float, str]]:
@@ -554,47 +495,6 @@ def _list_items(list_object: DataObject, task: dict[str, Any]) -> dict[Any, str]
             text = item.get("body") or item.get("title") or html_to_text(str(item.get("html") or ""))
             texts[item["id"]] = str(text)
     return texts
-
-
-def _paragraphs_text(paragraphs: list, name_key: str, text_key: str) -> str:
-    lines = []
-    for paragraph in paragraphs:
-        if isinstance(paragraph, dict):
-            speaker, said = paragraph.get(name_key), paragraph.get(text_key, "")
-            lines.append(f"{speaker}: {said}" if speaker else str(said))
-    return "\n".join(lines)
-
-
-def _data_objects(root: ET.Element) -> dict[str, DataObject]:
-    objects = {}
-    for element in root.iter():
-        name, value = element.get("name"), element.get("value") or ""
-        if name and value.startswith("$") and len(value) > 1:
-            objects[name] = DataObject(name, element.tag.lower(), value[1:], dict(element.attrib))
-    return objects
-
-
-def _ranker_spec(root: ET.Element, objects: dict[str, DataObject]) -> RankerSpec | None:
-    tag = next((e for e in root.iter() if e.tag.lower() == "ranker"), None)
-    if tag is None:
-        return None
-    target = objects.get(tag.get("toName", ""))
-    if target is None or target.tag != "list":
-        raise UnsupportedLabelConfig(f"<Ranker name=\"{tag.get('name')}\"> must point toName at a <List> reading task data")
-    buckets = tuple(b.get("name") for b in tag if b.tag.lower() == "bucket" and b.get("name"))
-    return RankerSpec(name=tag.get("name", ""), items=target, buckets=buckets)
-
-
-def _pairwise_spec(root: ET.Element, objects: dict[str, DataObject]) -> PairwiseSpec | None:
-    tag = next((e for e in root.iter() if e.tag.lower() == "pairwise"), None)
-    if tag is None:
-        return None
-    names = [n.strip() for n in tag.get("toName", "").split(",")]
-    if len(names) != 2 or not all(n in objects for n in names):
-        raise UnsupportedLabelConfig(
-            f"<Pairwise name=\"{tag.get('name')}\"> needs toName=\"left,right\" naming two objects that read task data"
-        )
-    return PairwiseSpec(name=tag.get("name", ""), left=objects[names[0]], right=objects[names[1]])
 
 
 # --- small helpers ---------------------------------------------------------------------------------

@@ -9,8 +9,10 @@ them), and an uploader thread writes the results in bulk every DATAENGINE_PRELAB
   * ranking configs (<Ranker>/<Pairwise>, backend/ranking.py): each task's data gets N candidates
     (`tasks.update`) plus one prediction with the model's order or pick.
 Resumable: a task that already holds a prediction of the serving model version (answer configs), or
-already holds candidates (ranking configs), is skipped unless `force`; whatever was uploaded before a
-crash stays done.
+already holds candidates (ranking configs), is skipped unless `force` (an annotated ranking task is skipped
+even then: its annotation ranks those candidates); whatever was uploaded before a
+crash stays done. A task written again keeps one current set of our predictions: once its new ones are
+stored, the ones they supersede are deleted (see `_Plan.superseded`).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import queue
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -38,7 +41,7 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = 500  # tasks per SDK page (Label Studio sets no maximum unless TASK_API_PAGE_SIZE_MAX)
 PREFETCH_TASKS = 2 * PAGE_SIZE  # tasks read ahead while the engine works
 MAX_REPORTED_ERRORS = 20
-UPDATE_THREADS = 8  # concurrent `tasks.update` calls while a batch of candidates is written
+WRITE_THREADS = 8  # concurrent one-task calls (`tasks.update`, `predictions.delete`) while a batch is written
 
 
 class PrelabelError(RuntimeError):
@@ -64,6 +67,7 @@ class PrelabelSummary:
     done: int = 0
     failed: int = 0
     predictions: int = 0  # predictions uploaded
+    replaced: int = 0  # our older predictions deleted because new ones superseded them
     tasks_updated: int = 0  # ranking configs: tasks whose data got candidates
     seconds: float = 0.0
     upload_seconds: float = 0.0  # time the uploader spent writing to Label Studio (overlaps the engine work)
@@ -80,6 +84,7 @@ class _Result:
     task_id: Any
     predictions: list[dict[str, Any]]
     data: dict[str, Any] | None = None  # ranking configs: the task's new data
+    superseded: tuple[int, ...] = ()  # ids of our predictions the new ones replace
 
 
 class Prelabeler:
@@ -87,10 +92,12 @@ class Prelabeler:
 
     def __init__(self, settings: Settings, engine: EngineClient | None = None, ls=None):
         self.settings = settings
+        self._own_engine = engine is None
         if engine is None:
             if not settings.engine_url:
                 raise PrelabelError("DATAENGINE_ENGINE_URL is not set: point it at the running vLLM engine")
             engine = EngineClient(settings.engine_url, settings.model_name, settings.engine_request_timeout)
+        self.engine = engine
         if ls is None:
             if not (settings.label_studio_url and settings.label_studio_api_key):
                 raise PrelabelError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set to pre-label a project")
@@ -103,9 +110,13 @@ class Prelabeler:
 
     def close(self) -> None:
         self.predictor.close()
+        if self._own_engine:
+            self.engine.close()
 
     # --- the run -------------------------------------------------------------------------------------
     def run(self, options: PrelabelOptions, progress: Callable[[PrelabelSummary], None] | None = None, bar: bool = False) -> PrelabelSummary:
+        """Raises on an engine/server error; every thread it started has stopped by then, so `close()` never
+        closes a client under a request still in flight."""
         plan = self._plan(options)
         summary = plan.summary
         started = time.monotonic()
@@ -113,10 +124,12 @@ class Prelabeler:
         on_upload = (lambda: progress(summary)) if progress else None
         uploader = _Uploader(self.ls, int(options.project), self.settings.prelabel_batch_size, summary, on_upload)
         try:
-            for result in self._results(plan, self._todo(plan, options, tqdm_bar)):
-                uploader.add(result)
-                summary.seconds = time.monotonic() - started
-                _tick(tqdm_bar, summary)
+            # closing(): on an error the pool drains and the task reader stops here, not when garbage collected
+            with closing(self._todo(plan, options, tqdm_bar)) as todo, closing(self._results(plan, todo)) as results:
+                for result in results:
+                    uploader.add(result)
+                    summary.seconds = time.monotonic() - started
+                    _tick(tqdm_bar, summary)
             uploader.close()
         finally:
             uploader.abandon()
@@ -131,14 +144,16 @@ class Prelabeler:
         project = self.ls.projects.get(id=int(options.project))
         xml = project.label_config or ""
         instructions = getattr(project, "expert_instruction", "") or ""
-        version = VersionReader(self.settings.projects_dir, self.settings.model_name).current(options.project)
+        versions = VersionReader(self.settings.projects_dir, self.settings.model_name)
+        version = versions.current(options.project)
+        ours = frozenset({versions.base.name, version.name, *(v["name"] for v in versions.versions(options.project))})
         stored = ProjectStore(self.settings.projects_dir).get(options.project)
         ranking = compile_ranking_config(xml, settings=self.settings) if is_comparison_config(xml) else None
         config = None if ranking else compile_label_config(xml, settings=self.settings)
         total = len(options.task_ids) if options.task_ids else getattr(project, "task_number", None)
         summary = PrelabelSummary(options.project, "candidates" if ranking else "predictions", version.name, total=total)
         return _Plan(
-            config=config, ranking=ranking, version=version, instructions=instructions, summary=summary,
+            config=config, ranking=ranking, version=version, our_versions=ours, instructions=instructions, summary=summary,
             candidates=stored.candidates or self.settings.candidates,
             temperature=stored.temperature or self.settings.temperature,
         )
@@ -149,7 +164,7 @@ class Prelabeler:
             if options.limit is not None and summary.seen - summary.skipped >= options.limit:
                 return
             summary.seen += 1
-            if not options.force and plan.already_done(task):
+            if plan.annotated_ranking(task) or (not options.force and plan.already_done(task)):
                 summary.skipped += 1
                 _tick(tqdm_bar, summary)
                 continue
@@ -199,7 +214,7 @@ class Prelabeler:
                 temperature=plan.temperature, instructions=plan.instructions,
             )
             if isinstance(filled, FilledTask):
-                return _Result(filled.task_id, [filled.prediction], filled.data)
+                return _Result(filled.task_id, [filled.prediction], filled.data, plan.superseded(task))
             return filled
         request = PredictRequest(
             config=plan.config, tasks=[task], version=plan.version, candidates=plan.candidates,
@@ -208,7 +223,7 @@ class Prelabeler:
         outcome = self.predictor.predict_each(request)
         if outcome.failures:
             return outcome.failures[0]
-        return _Result(task.get("id"), outcome.predictions[0])
+        return _Result(task.get("id"), outcome.predictions[0], superseded=plan.superseded(task))
 
 
 @dataclass
@@ -216,6 +231,7 @@ class _Plan:
     config: CompiledConfig | None
     ranking: RankingConfig | None
     version: ServingVersion
+    our_versions: frozenset[str]  # every model_version this backend has served the project with
     instructions: str
     summary: PrelabelSummary
     candidates: int
@@ -226,16 +242,36 @@ class _Plan:
             return self.ranking.has_candidates(task)
         return any(p.get("model_version") == self.version.name for p in task.get("predictions") or [] if isinstance(p, dict))
 
+    def annotated_ranking(self, task: dict[str, Any]) -> bool:
+        """A ranking task someone has annotated keeps its candidates even when forced: the annotation's ranking
+        names their ids, and new candidates would leave it pointing at items that are gone."""
+        return self.ranking is not None and self.ranking.has_candidates(task) and bool(task.get("annotations"))
+
+    def superseded(self, task: dict[str, Any]) -> tuple[int, ...]:
+        """Our predictions that the task's new ones replace. Ranking configs: all of ours (they rank candidates
+        that are being replaced). Answer configs: the serving version's (a forced redo; other versions' stay,
+        as Label Studio keeps a set per model version). Never one an annotation started from: deleting it
+        would unlink the annotation's `parent_prediction`, which training reads."""
+        versions = self.our_versions if self.ranking is not None else {self.version.name}
+        kept = {None} | {a.get("parent_prediction") for a in task.get("annotations") or [] if isinstance(a, dict)}
+        return tuple(
+            p["id"]
+            for p in task.get("predictions") or []
+            if isinstance(p, dict) and p.get("model_version") in versions and p.get("id") not in kept
+        )
+
 
 class _Uploader:
     """Buffers results and writes them in bulk on its own thread: task data first (ranking configs), then one
-    `import_predictions` call per batch, so a task never holds a prediction for candidates it lacks.
+    `import_predictions` call per batch, so a task never holds a prediction for candidates it lacks, then
+    the deletion of the predictions they supersede, so a task is never left without one.
     An upload error is raised on the next `add` or at `close`."""
 
     def __init__(self, ls, project: int, batch_size: int, summary: PrelabelSummary, on_upload: Callable[[], None] | None):
         self.ls, self.project, self.batch_size, self.summary, self.on_upload = ls, project, batch_size, summary, on_upload
         self.buffer: list[_Result] = []
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
+        self._calls = ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="ls-write")
         self._written: list[Future] = []
 
     def add(self, result: _Result) -> None:
@@ -249,9 +285,11 @@ class _Uploader:
         for future in self._written:
             future.result()
         self._writer.shutdown(wait=True)
+        self._calls.shutdown(wait=True)
 
     def abandon(self) -> None:
         self._writer.shutdown(wait=True, cancel_futures=True)
+        self._calls.shutdown(wait=True, cancel_futures=True)
 
     def _submit(self) -> None:
         for future in [f for f in self._written if f.done()]:
@@ -263,10 +301,8 @@ class _Uploader:
     def _write(self, batch: list[_Result]) -> None:
         started = time.monotonic()
         updates = [r for r in batch if r.data is not None]
-        if updates:
-            with ThreadPoolExecutor(max_workers=UPDATE_THREADS, thread_name_prefix="task-update") as pool:
-                list(pool.map(lambda r: self.ls.tasks.update(id=str(r.task_id), data=r.data), updates))
-            self.summary.tasks_updated += len(updates)
+        list(self._calls.map(lambda r: self.ls.tasks.update(id=str(r.task_id), data=r.data), updates))
+        self.summary.tasks_updated += len(updates)
         from label_studio_sdk import PredictionRequest
 
         requests = [
@@ -277,9 +313,21 @@ class _Uploader:
         if requests:
             self.ls.projects.import_predictions(id=self.project, request=requests)
         self.summary.predictions += len(requests)
+        superseded = [pid for r in batch for pid in r.superseded]
+        list(self._calls.map(self._delete_prediction, superseded))
+        self.summary.replaced += len(superseded)
         self.summary.upload_seconds += time.monotonic() - started
         if self.on_upload:
             self.on_upload()
+
+    def _delete_prediction(self, prediction_id: int) -> None:
+        from label_studio_sdk.core.api_error import ApiError
+
+        try:
+            self.ls.predictions.delete(id=prediction_id)
+        except ApiError as exc:
+            if exc.status_code != 404:  # already gone (deleted in Label Studio meanwhile) is fine
+                raise
 
 
 _END = object()
@@ -365,5 +413,5 @@ def run_prelabel(
 
 
 def _brief(summary: PrelabelSummary) -> dict[str, Any]:
-    keys = ("total", "seen", "skipped", "done", "failed", "predictions", "tasks_updated")
+    keys = ("total", "seen", "skipped", "done", "failed", "predictions", "replaced", "tasks_updated")
     return {k: getattr(summary, k) for k in keys} | {"seconds": round(summary.seconds, 2)}

@@ -2,7 +2,10 @@
 project fires TASKS_CREATED, an RQ job on the real worker (started by `dataengine serve`) writes N
 candidates into each task through the SDK plus the model's order as a prediction; a submitted ranking
 becomes ordered preference pairs in the next snapshot. `dataengine prelabel` pre-labels a whole answer
-project in bulk and resumes without redoing what is stored.
+project in bulk and resumes without redoing what is stored; a forced run replaces our predictions.
+
+Every wait is on a real condition (a job's end, a snapshot's appearance), never on a duration: candidates
+are written before the prediction that ranks them, so seeing them says nothing about the prediction.
 """
 from __future__ import annotations
 
@@ -16,13 +19,14 @@ import httpx
 import pytest
 from redis import Redis
 
+from backend.prelabel_queue import PRELABEL_FUNC
 from tests.conftest import REPO, TINY_NAME, run_backend
 from tests.e2e.conftest import BASE_VERSION, create_connected_project, expect, stored_predictions, wait_for
 from training.snapshot import latest_snapshot, read_pairs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.engine]
 
-REDIS_URL = "redis://127.0.0.1:6379/9"  # this module's own database, flushed at start
+REDIS_URL = "redis://127.0.0.1:6379/8"  # this module's own database (tests/test_ranking.py flushes 9), flushed at start
 N = 4  # DATAENGINE_CANDIDATES of the backend under test
 
 
@@ -53,17 +57,38 @@ def task_data(ls, task_id: int) -> dict:
     return expect(ls.get(f"/api/tasks/{task_id}"), 200, f"read task {task_id}")["data"]
 
 
+def prelabel_jobs(stack, project_id: int) -> list[dict]:
+    jobs = httpx.get(f"{stack['url']}/jobs", params={"limit": 1000}, timeout=10).json()["jobs"]
+    return [j for j in jobs if j["function"] == PRELABEL_FUNC and j["project"] == str(project_id)]
+
+
+def ended_prelabel_jobs(stack, project_id: int, timeout: float = 180) -> list[dict]:
+    """The project's prelabel jobs once there is one and none is queued or running any more."""
+    def ended():
+        jobs = prelabel_jobs(stack, project_id)
+        return jobs if jobs and all(j["status"] in ("finished", "failed") for j in jobs) else None
+
+    jobs = wait_for(ended, timeout=timeout, interval=0.5)
+    assert jobs and all(j["status"] == "finished" for j in jobs), (
+        f"prelabel jobs of project {project_id}: {prelabel_jobs(stack, project_id)}\n{stack['log'].read_text()[-4000:]}"
+    )
+    return jobs
+
+
+def run_prelabel_job(stack, project_id: int, **options) -> dict:
+    """POST /prelabel and wait for that job to end; returns the job as /jobs/<id> shows it."""
+    response = httpx.post(f"{stack['url']}/prelabel", json={"project": project_id, **options}, timeout=10)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job"]
+    return next(j for j in ended_prelabel_jobs(stack, project_id, timeout=120) if j["id"] == job_id)
+
+
 def filled_project(ls, stack, name: str, key: str = "candidates"):
-    """Create the project, import its sample tasks and wait until the TASKS_CREATED job filled them all."""
+    """Create the project, import its sample tasks and wait until the TASKS_CREATED job has written them all."""
     project = create_connected_project(ls, stack["url"], name)
-
-    def all_filled():
-        data = {t: task_data(ls, t) for t in project.task_ids}
-        return data if all(d.get(key) for d in data.values()) else None
-
-    data = wait_for(all_filled, timeout=180, interval=1.0)
-    jobs = httpx.get(f"{stack['url']}/jobs", timeout=10).json()["jobs"]
-    assert data, f"{name}: tasks never got candidates; jobs: {jobs}\n{stack['log'].read_text()[-4000:]}"
+    ended_prelabel_jobs(stack, project.id)
+    data = {t: task_data(ls, t) for t in project.task_ids}
+    assert all(d.get(key) for d in data.values()), data
     return project, data
 
 
@@ -102,14 +127,23 @@ def test_imported_tasks_get_n_candidates_and_a_stored_ranker_prediction(ls, rank
 
 def test_prelabel_again_skips_filled_tasks(ls, stack, ranking):
     project, data = ranking
-    response = httpx.post(f"{stack['url']}/prelabel", json={"project": project.id}, timeout=10)
-    assert response.status_code == 202, response.text
-    job_id = response.json()["job"]
-    job = wait_for(lambda: (j := httpx.get(f"{stack['url']}/jobs/{job_id}", timeout=10).json())["status"] == "finished" and j, 120, 0.5)
-    assert job, httpx.get(f"{stack['url']}/jobs/{job_id}", timeout=10).json()
+    job = run_prelabel_job(stack, project.id)
     assert job["progress"]["skipped"] == 3 and job["progress"]["done"] == 0, job
     assert {t: task_data(ls, t)["candidates"] for t in project.task_ids} == {t: d["candidates"] for t, d in data.items()}
     assert all(len(stored_predictions(ls, t)) == 1 for t in project.task_ids)
+
+
+def test_a_forced_refill_leaves_each_task_one_prediction_ranking_its_new_candidates(ls, stack):
+    project, _ = filled_project(ls, stack, "rank_sentiment")
+    before = {t: [p["id"] for p in stored_predictions(ls, t)] for t in project.task_ids}
+    assert all(len(ids) == 1 for ids in before.values()), before
+    job = run_prelabel_job(stack, project.id, force=True)
+    assert (job["progress"]["done"], job["progress"]["replaced"]) == (3, 3), job
+    for task_id in project.task_ids:
+        (prediction,) = stored_predictions(ls, task_id)
+        assert prediction["id"] not in before[task_id]
+        ranked = prediction["result"][0]["value"]["ranker"]["rank"]
+        assert sorted(ranked) == sorted(i["id"] for i in task_data(ls, task_id)["candidates"])
 
 
 def test_a_submitted_ranking_becomes_ordered_pairs_in_the_next_snapshot(ls, stack, ranking):
@@ -177,4 +211,8 @@ def test_cli_prelabels_a_whole_project_in_bulk_and_resumes(ls, stack):
     assert (again["done"], again["skipped"], again["predictions"]) == (0, 3, 0)
     assert {t: [p["id"] for p in stored_predictions(ls, t)] for t in project.task_ids} == {t: [p["id"] for p in ps] for t, ps in stored.items()}
     forced = run_cli_prelabel(stack, project.id, "--force", "--limit", "1")
-    assert (forced["done"], forced["predictions"]) == (1, 3)
+    assert (forced["done"], forced["predictions"], forced["replaced"]) == (1, 3, 3)
+    after = {t: [p["id"] for p in stored_predictions(ls, t)] for t in project.task_ids}
+    redone = [t for t in project.task_ids if after[t] != [p["id"] for p in stored[t]]]
+    assert len(redone) == 1 and len(after[redone[0]]) == 3, after  # the new 3 replaced the old 3
+    assert not set(after[redone[0]]) & {p["id"] for p in stored[redone[0]]}
