@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from backend.label_config import compile_label_config  # noqa: E402
 from backend.registry import VersionReader  # noqa: E402
 from backend.settings import Settings  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from bench.common import start_engine  # noqa: E402
 from training.evaluate import EvalTask, evaluate, is_heldout  # noqa: E402
 from training.export import ProjectExport  # noqa: E402
 from training.preferences import derive  # noqa: E402
@@ -70,18 +70,6 @@ def annotated(review: dict) -> dict:
     return {"id": review["id"], "data": {"text": review["text"]}, "annotations": [annotation], "predictions": predictions}
 
 
-def start_engine(args, workdir: Path) -> tuple[object | None, str, str]:
-    if args.engine_url:
-        return None, args.engine_url, args.model
-    from backend.engine_process import EngineProcess
-    from training.tiny_model import build_tiny_model
-
-    model = args.model or str(build_tiny_model(workdir / "tiny"))
-    engine = EngineProcess(Settings(model=model, served_model_name=args.model_name, engine_port=free_port(),
-                                    engine_max_model_len=4096, model_dir=workdir / "engine"))
-    return engine, engine.start(), model
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--choices", default="25,50,100,200,400")
@@ -94,8 +82,8 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="dataengine-curve-"))
-    engine, engine_url, model = start_engine(args, workdir)
-    settings = Settings(model=model or "tiny", served_model_name=args.model_name, engine_url=engine_url,
+    engine = start_engine(workdir, engine_url=args.engine_url, model=args.model, model_name=args.model_name)
+    settings = Settings(model=engine.model or "tiny", served_model_name=args.model_name, engine_url=engine.url,
                         model_dir=workdir / "model_dir", eval_min_tasks=1, min_pairs=1, policy_algo="none")
     reviews = load_reviews(args.seed)
     heldout = [r for r in reviews if is_heldout(r["id"])][: args.max_heldout]
@@ -127,8 +115,7 @@ def main() -> None:
             })
             print(json.dumps(points[-1]), file=sys.stderr, flush=True)
     finally:
-        if engine is not None:
-            engine.stop()
+        engine.stop()
     out = Path(args.out)
     png = plot_learning_curve(points, out / "learning_curve.png", "sentiment: served top-1 vs human choices", baseline)
     report = {"heldout_tasks": len(eval_tasks), "baseline_top1": baseline, "points": points,

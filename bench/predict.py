@@ -3,7 +3,7 @@ transformers `generate` baseline (how Label Studio's own Hugging Face example ba
 
 Prints one JSON object. Everything runs in this process's machine: a tiny random model is built
 unless --model is given, the real vLLM engine is started unless --engine-url is given, and the
-backend runs under gunicorn exactly as `dataengine serve` runs it.
+backend runs under granian exactly as `dataengine serve` runs it.
 
     .venv/bin/python bench/predict.py [--tasks 16] [--repeats 5] [--candidates 4]
 """
@@ -28,19 +28,10 @@ from backend.engine_client import EngineClient  # noqa: E402
 from backend.label_config import compile_label_config  # noqa: E402
 from backend.prompts import LETTERS, build_choice_messages, build_messages  # noqa: E402
 from backend.settings import Settings  # noqa: E402
-from tests.conftest import free_port, run_backend  # noqa: E402
+from bench.common import sample_texts, start_engine  # noqa: E402
+from tests.conftest import run_backend  # noqa: E402
 
 WORKLOADS = ("sentiment", "topics")  # exhaustive scoring path, sampling path
-
-
-def sample_texts(count: int) -> list[str]:
-    shared = REPO.parent / "shared" / "data" / "sentiment"
-    lines: list[str] = []
-    for path in sorted(shared.glob("*_labelled.txt")) if shared.exists() else []:
-        lines += [line.rsplit("\t", 1)[0].strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    if not lines:
-        lines = [task["data"]["text"] for task in json.loads((REPO / "label_config/sentiment.tasks.json").read_text())]
-    return [lines[i % len(lines)] for i in range(count)]
 
 
 def time_interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
@@ -120,20 +111,13 @@ def main() -> None:
     parser.add_argument("--model-name", default="tiny")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
+    if args.engine_url and not args.model and not args.skip_transformers:
+        parser.error("--engine-url needs --model (the model it serves) for the transformers baseline, or --skip-transformers")
 
     workdir = Path(tempfile.mkdtemp(prefix="dataengine-bench-"))
-    model_dir = args.model
-    if not model_dir:
-        from training.tiny_model import build_tiny_model
-        model_dir = str(build_tiny_model(workdir / "tiny"))
-    settings = Settings(model=model_dir, served_model_name=args.model_name, engine_port=free_port(),
-                        engine_max_model_len=4096, model_dir=workdir / "engine", candidates=args.candidates)
-    engine_proc = None
-    engine_url = args.engine_url
-    if not engine_url:
-        from backend.engine_process import EngineProcess
-        engine_proc = EngineProcess(settings)
-        engine_url = engine_proc.start()
+    bench_engine = start_engine(workdir, engine_url=args.engine_url, model=args.model, model_name=args.model_name)
+    engine_url, model_dir = bench_engine.url, bench_engine.model
+    settings = Settings(candidates=args.candidates)  # what /predict's settings would be: limits, concurrency
     backend_env = {"DATAENGINE_SERVED_MODEL_NAME": args.model_name, "DATAENGINE_CANDIDATES": str(args.candidates),
                    "DATAENGINE_LOG_LEVEL": "WARNING"}
     backend = run_backend(engine_url, workdir / "model_dir", workdir / "backend.log", backend_env)
@@ -164,8 +148,7 @@ def main() -> None:
             report["workloads"][name] = entry
     finally:
         backend.__exit__(None, None, None)
-        if engine_proc:
-            engine_proc.stop()
+        bench_engine.stop()
     print(json.dumps(report, indent=2))
 
 

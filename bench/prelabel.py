@@ -5,7 +5,7 @@ Two baselines: /predict calls only (the predictions are not stored: cheaper than
 
 Everything is real and runs on this machine: a tiny random model (unless --model), the vLLM engine, a
 Label Studio 1.23.2 server (its own venv, tests/e2e/label_studio_harness.py), and the backend under
-gunicorn. Prints one JSON object: tasks/s of both paths measured in the same run, their ratio, the time
+granian (`dataengine serve`). Prints one JSON object: tasks/s of both paths measured in the same run, their ratio, the time
 a second (resumed) run takes to skip everything, and the prelabel process's peak memory.
 
     .venv/bin/python bench/prelabel.py [--tasks 2000] [--baseline-tasks 300] [--config sentiment]
@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from backend.settings import Settings  # noqa: E402
-from tests.conftest import free_port, run_backend  # noqa: E402
+from bench.common import sample_texts, start_engine  # noqa: E402
+from tests.conftest import run_backend  # noqa: E402
 from tests.e2e.label_studio_harness import LabelStudioServer, ensure_label_studio_venv  # noqa: E402
 
 # Runs the CLI in a child process and writes its peak RSS next to its own JSON summary.
@@ -38,16 +39,6 @@ _CHILD = (
     "open(sys.argv[1], 'w').write(json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
     "sys.exit(code)\n"
 )
-
-
-def sample_texts(count: int) -> list[str]:
-    shared = REPO.parent / "shared" / "data" / "sentiment"
-    lines: list[str] = []
-    for path in sorted(shared.glob("*_labelled.txt")) if shared.exists() else []:
-        lines += [line.rsplit("\t", 1)[0].strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    if not lines:
-        lines = [task["data"]["text"] for task in json.loads((REPO / "label_config/sentiment.tasks.json").read_text())]
-    return [lines[i % len(lines)] for i in range(count)]
 
 
 def create_project(ls: httpx.Client, xml: str, texts: list[str]) -> int:
@@ -115,17 +106,8 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="dataengine-bench-prelabel-"))
-    model_dir = args.model
-    if not model_dir:
-        from training.tiny_model import build_tiny_model
-        model_dir = str(build_tiny_model(workdir / "tiny"))
-    engine_proc, engine_url = None, args.engine_url
-    if not engine_url:
-        from backend.engine_process import EngineProcess
-        settings = Settings(model=model_dir, served_model_name=args.model_name, engine_port=free_port(),
-                            engine_max_model_len=4096, model_dir=workdir / "engine")
-        engine_proc = EngineProcess(settings)
-        engine_url = engine_proc.start()
+    engine = start_engine(workdir, engine_url=args.engine_url, model=args.model, model_name=args.model_name)
+    engine_url = engine.url
     ensure_label_studio_venv()
     label_studio = LabelStudioServer(data_dir=workdir / "label-studio").start()
     xml = (REPO / "label_config" / f"{args.config}.xml").read_text()
@@ -168,8 +150,7 @@ def main() -> None:
     finally:
         backend.__exit__(None, None, None)
         label_studio.stop()
-        if engine_proc:
-            engine_proc.stop()
+        engine.stop()
     print(json.dumps(report, indent=2))
 
 
