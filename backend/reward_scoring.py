@@ -7,6 +7,12 @@ transformers, imported lazily; no training code.
 What the model reads: `backend.prompts.reward_text(messages, answer)` -- the task's data text followed by
 `Answer: <answer>`. Long inputs are cut inside the data text, never inside the answer: a cut answer would
 make every candidate of a task look the same.
+
+What a saved reward model directory holds: a transformers checkpoint (a plain sequence classifier, or the
+mean-pooling head of `backend.reward_pooling`) plus `reward_model.json`; or, for an ensemble, the tokenizer,
+`reward_model.json` listing the members (`"members": [{"path", "mean", "std"}, ...]`) and one checkpoint per
+member under `members/`. An ensemble scores a text by averaging its members' standardized scores
+(`ensemble_scores`).
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 META_FILE = "reward_model.json"
+MEMBERS_KEY = "members"  # reward_model.json of an ensemble: [{"path": "members/0", "mean": m, "std": s}, ...]
 ANSWER_MARKER = "\nAnswer: "  # what backend.prompts.reward_text puts between the data text and the answer
 DEFAULT_MAX_LENGTH = 128
 
@@ -89,17 +96,46 @@ def score_texts(model: Any, tokenizer: Any, texts: Sequence[str], *, max_length:
     return scores
 
 
-class RewardModel:
-    """A trained reward model for inference: `RewardModel.load(path).score(texts)`."""
+def ensemble_scores(member_scores: Sequence[Sequence[float]], stats: Sequence[dict]) -> list[float]:
+    """One score per text from several members' scores: each member standardized by its own score
+    distribution on its training texts (`stats[i]` = {"mean", "std"}), averaged, then multiplied by the
+    members' mean std -- so the result reads on a single member's scale (the reranker's softmax sees similar
+    gaps) while no member dominates by scoring on a wider scale."""
+    if len(member_scores) == 1:
+        return list(member_scores[0])
+    scale = sum(s["std"] for s in stats) / len(stats)
+    return [
+        scale * sum((score - s["mean"]) / s["std"] for score, s in zip(column, stats)) / len(stats)
+        for column in zip(*member_scores)
+    ]
 
-    def __init__(self, model: Any, tokenizer: Any, max_length: int = DEFAULT_MAX_LENGTH, meta: dict | None = None):
-        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+
+def load_checkpoint(path: str | Path, dtype: Any = None) -> Any:
+    """A saved reward-model checkpoint: the mean-pooling head when its config names it, else a plain
+    `AutoModelForSequenceClassification`."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from .reward_pooling import MEAN_POOL_ARCHITECTURE, BertMeanPoolForReward
+
+    architectures = AutoConfig.from_pretrained(path).architectures or []
+    cls = BertMeanPoolForReward if MEAN_POOL_ARCHITECTURE in architectures else AutoModelForSequenceClassification
+    return cls.from_pretrained(path, dtype=dtype)
+
+
+class RewardModel:
+    """A trained reward model for inference: `RewardModel.load(path).score(texts)`. A single model or an
+    ensemble (`members`: [(model, {"mean", "std"})]); `model` is the first member."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_length: int = DEFAULT_MAX_LENGTH, meta: dict | None = None,
+                 members: list[tuple[Any, dict]] | None = None):
+        self.members = members or [(model, {"mean": 0.0, "std": 1.0})]
+        self.model, self.tokenizer, self.max_length = self.members[0][0], tokenizer, max_length
         self.meta = meta or {}
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> "RewardModel":
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
 
         path = Path(path)
         if not path.is_dir():
@@ -111,10 +147,16 @@ class RewardModel:
             tokenizer.pad_token = tokenizer.eos_token
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
-        if model.config.num_labels != 1:
-            raise ValueError(f"{path} is not a reward model: num_labels={model.config.num_labels}, expected 1")
-        return cls(model, tokenizer, int(meta.get("max_length") or DEFAULT_MAX_LENGTH), meta)
+        listed = meta.get(MEMBERS_KEY) or [{"path": ".", "mean": 0.0, "std": 1.0}]
+        members = []
+        for entry in listed:
+            model = load_checkpoint(path / entry["path"], dtype=dtype).to(device).eval()
+            if model.config.num_labels != 1:
+                raise ValueError(f"{path} is not a reward model: num_labels={model.config.num_labels}, expected 1")
+            members.append((model, {"mean": float(entry["mean"]), "std": float(entry["std"])}))
+        return cls(members[0][0], tokenizer, int(meta.get("max_length") or DEFAULT_MAX_LENGTH), meta, members)
 
     def score(self, texts: Sequence[str], batch_size: int = 32) -> list[float]:
-        return score_texts(self.model, self.tokenizer, list(texts), max_length=self.max_length, batch_size=batch_size)
+        per_member = [score_texts(model, self.tokenizer, list(texts), max_length=self.max_length, batch_size=batch_size)
+                      for model, _ in self.members]
+        return ensemble_scores(per_member, [stats for _, stats in self.members])

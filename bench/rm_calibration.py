@@ -17,6 +17,9 @@ plain RewardTrainer defaults (RewardSettings.trl_defaults(): lr 1e-4, batch 8, 2
     .venv/bin/python bench/rm_calibration.py            # N = 50,100,200,400 x seeds 0,1,2, plus baseline
     .venv/bin/python bench/rm_calibration.py --quick    # N = 100,400 x seed 0, baseline at 100 only
     .venv/bin/python bench/rm_calibration.py --set learning_rate=2e-4 --set min_steps=120 --no-baseline
+    .venv/bin/python bench/rm_calibration.py --quick --no-baseline --set ensemble=1   # one model: 3x faster
+
+The tuned settings are the production defaults (RewardSettings()): a 3-member ensemble of mean-pooling models.
 """
 from __future__ import annotations
 

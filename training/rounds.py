@@ -59,7 +59,7 @@ def _reason_to_skip(inputs: RoundInputs, registry: Registry, current: str, setti
 
 
 def _train_version(inputs, config: CompiledConfig, registry: Registry, parent: str, settings: Settings, progress) -> VersionRecord:
-    from .reward_model import train_reward_model
+    from .reward_model import RewardSettings, train_reward_model
 
     name = registry.next_version_name()
     staged = registry.staging_dir(name)
@@ -70,6 +70,7 @@ def _train_version(inputs, config: CompiledConfig, registry: Registry, parent: s
         inputs.derived.pairs,
         staged / "reward_model",
         base=settings.rm_base or None,
+        settings=RewardSettings(ensemble=settings.rm_ensemble),
         progress=lambda event: progress("reward_model", **_loggable(event)),
     )
     metrics: dict[str, Any] = {"reward_model": rm.metrics}
