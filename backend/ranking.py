@@ -21,13 +21,14 @@ from __future__ import annotations
 import difflib
 import hashlib
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
 from .errors import InvalidTaskData, UnsupportedLabelConfig
 from .label_config import SUPPORTED_CONTROLS, CompiledConfig, TextAreaControl, TextObject, compile_label_config, html_to_text
 from .predictor import PredictRequest, Predictor, TaskFailure
+from .prompts import reward_text
 from .registry import ServingVersion
 
 COMPARISON_TAGS = ("ranker", "pairwise")
@@ -37,6 +38,7 @@ CANDIDATES_KEY = "candidates"  # where candidates go when the config has no <Lis
 RESPONSE_CONTROL = "response"
 RESPONSE_HINT = "your answer to the prompt, as the assistant"
 UNPLACED_BUCKET = "_"  # Label Studio's pool of items not moved into any bucket
+PROMPT_KINDS = ("text", "hypertext", "paragraphs")  # data objects that can hold what the candidates answer
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,17 @@ class ComparisonTags:
         sides = {self.pairwise.left.name, self.pairwise.right.name} if self.pairwise else set()
         return [o for o in self.objects.values() if o.name not in sides]
 
+    def prompt_objects(self) -> tuple[DataObject, ...]:
+        """The texts the candidates answer (not the <List> of candidates, not the Pairwise sides)."""
+        return tuple(o for o in self.unpaired_objects() if o.kind in PROMPT_KINDS)
+
+
+def comparison_prompt(objects: tuple[DataObject, ...], task: dict[str, Any]) -> list[dict[str, str]]:
+    """A comparison task's prompt as chat messages: what the reward model reads before each candidate, in
+    training (`training.preferences`) and when candidates are reranked here -- the same text both times."""
+    text = "\n\n".join(t for t in (o.read_text(task) for o in objects) if t)
+    return [{"role": "user", "content": text}] if text else []
+
 
 @dataclass(frozen=True)
 class RankingConfig:
@@ -123,6 +136,7 @@ class RankingConfig:
     ranker: RankerSpec | None
     pairwise: PairwiseSpec | None
     label_candidates: bool  # True: candidates are annotations of the answer controls; False: free text
+    prompt_objects: tuple[DataObject, ...] = ()  # what the reward model reads as the prompt
 
     def has_candidates(self, task: dict[str, Any]) -> bool:
         items = (task.get("data") or {}).get(self.candidates_key)
@@ -187,7 +201,7 @@ def _compile_cached(xml: str, textarea_max: int, max_entities: int, ngram_max: i
         answer = compile_label_config(stripped, settings=settings)
     else:
         answer = _response_config(tags, textarea_max)
-    return RankingConfig(answer, key, ranker, pairwise, label_candidates=has_controls)
+    return RankingConfig(answer, key, ranker, pairwise, label_candidates=has_controls, prompt_objects=tags.prompt_objects())
 
 
 @dataclass(frozen=True)
@@ -352,7 +366,9 @@ def pairwise_result(spec: PairwiseSpec, left: Item, right: Item) -> dict[str, An
 
 
 class CandidateFiller:
-    """Generates one task's candidates through the Predictor (same engine path as /predict)."""
+    """Generates one task's candidates through the Predictor (same engine path as /predict). Once the project
+    has a reward model (trained on its annotators' rankings), it reorders the candidates: the model reads each
+    candidate's body after the prompt, as it did in training."""
 
     def __init__(self, predictor: Predictor):
         self.predictor = predictor
@@ -368,7 +384,8 @@ class CandidateFiller:
         instructions: str = "",
     ) -> FilledTask | TaskFailure:
         request = PredictRequest(
-            config=config.answer, tasks=[task], version=version, candidates=candidates,
+            # the predictor would rerank answers in /predict's reward text; the items are reranked below instead
+            config=config.answer, tasks=[task], version=replace(version, reward_model_path=None), candidates=candidates,
             temperature=temperature, instructions=instructions,
         )
         outcome = self.predictor.predict_each(request)
@@ -376,6 +393,8 @@ class CandidateFiller:
             return outcome.failures[0]
         try:
             items = self._items(config, task, outcome.predictions[0])
+            if version.reward_model_path and len(items) > 1:
+                items = self._rerank(config, task, items, version.reward_model_path)
             return build_filled_task(config, task, items, version.name)
         except InvalidTaskData as exc:
             return TaskFailure(0, task.get("id"), exc)
@@ -390,6 +409,14 @@ class CandidateFiller:
         if not items:
             raise InvalidTaskData(f"task {task.get('id')}: the model produced no usable candidate")
         return list(items.values())
+
+    def _rerank(self, config: RankingConfig, task: dict[str, Any], items: list[Item], reward_model_path: str) -> list[Item]:
+        from .reranker import blend_scores, load_scorer
+
+        messages = comparison_prompt(config.prompt_objects, task)
+        rewards = load_scorer(reward_model_path).score([reward_text(messages, item.body) for item in items])
+        scores = blend_scores([item.score for item in items], rewards, self.predictor.settings.rm_weight)
+        return sorted((replace(item, score=score) for item, score in zip(items, scores)), key=lambda item: -item.score)
 
 
 def build_filled_task(config: RankingConfig, task: dict[str, Any], items: list[Item], model_version: str) -> FilledTask:

@@ -32,13 +32,18 @@ def load_scorer(path: str) -> RewardScorer:
 
 
 def rerank(candidates: list[Candidate], texts: list[str], scorer: RewardScorer, weight: float) -> list[Candidate]:
-    """Blend: weight * softmax(reward scores) + (1 - weight) * current score; re-sorted."""
+    """Each candidate's score blended with the reward model's preference (`blend_scores`); re-sorted."""
     if len(candidates) < 2:
         return candidates
-    rewards = scorer.score(texts)
+    blended = blend_scores([c.score for c in candidates], scorer.score(texts), weight)
+    for candidate, score in zip(candidates, blended):
+        candidate.score = score
+    return sort_candidates(candidates)
+
+
+def blend_scores(scores: list[float], rewards: list[float], weight: float) -> list[float]:
+    """weight * softmax(rewards) + (1 - weight) * score, clipped to [0, 1]."""
     peak = max(rewards)
     exps = [math.exp(r - peak) for r in rewards]
     total = sum(exps)
-    for candidate, share in zip(candidates, exps):
-        candidate.score = min(1.0, max(0.0, weight * share / total + (1 - weight) * candidate.score))
-    return sort_candidates(candidates)
+    return [min(1.0, max(0.0, weight * share / total + (1 - weight) * score)) for score, share in zip(scores, exps)]

@@ -2,7 +2,11 @@
 the same Predictor that serves /predict, and promote only if the candidate is not worse.
 
 Metric: top-1 agreement (the first candidate equals the human result) for every config; span F1 of the
-top candidate as well when the config has span labels (NER).
+top candidate as well when the config has span labels (NER). Ranking projects (<Ranker>/<Pairwise>), whose
+annotators order candidates rather than write an answer, are scored by pair accuracy instead: the share of
+held-out human preference pairs whose preferred candidate the version's reward model scores higher
+(`evaluate_pairs`); a version without a reward model keeps the order it generated, which knows nothing of
+these pairs: chance, 0.5.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from backend.predictor import PredictRequest, Predictor
 from backend.registry import ServingVersion
 from backend.settings import Settings
 
+from .preferences import PreferencePair
 from .reward_model import heldout_unit
 
 HELDOUT_FRACTION = 0.2
@@ -36,15 +41,20 @@ class EvalTask:
 class Evaluation:
     version: str
     tasks: int
-    top1: float
+    top1: float | None
     span_f1: float | None
+    pair_accuracy: float | None = None  # ranking projects
+
+    @property
+    def metric(self) -> str:
+        return next(name for name in ("pair_accuracy", "span_f1", "top1") if getattr(self, name) is not None)
 
     @property
     def score(self) -> float:
-        return self.span_f1 if self.span_f1 is not None else self.top1
+        return getattr(self, self.metric)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "score": self.score}
+        return {**asdict(self), "metric": self.metric, "score": self.score}
 
 
 def evaluate(
@@ -72,6 +82,21 @@ def evaluate(
     has_spans = any(c.result_type == "labels" for c in config.controls)
     f1 = _mean([span_f1(top, t.human_result) for top, t in zip(tops, tasks)]) if has_spans else None
     return Evaluation(version=version.name, tasks=len(tasks), top1=round(top1, 4), span_f1=None if f1 is None else round(f1, 4))
+
+
+def evaluate_pairs(version: ServingVersion, pairs: list[PreferencePair]) -> Evaluation:
+    """Ranking projects: pair accuracy of the version's reward model on held-out pairs (a tie counts half)."""
+    tasks = len({pair.task_id for pair in pairs})
+    if not pairs or not version.reward_model_path:
+        return Evaluation(version=version.name, tasks=tasks, top1=None, span_f1=None, pair_accuracy=0.5)
+    from backend.prompts import reward_text
+    from backend.reward_scoring import RewardModel
+
+    model = RewardModel.load(version.reward_model_path)
+    chosen = model.score([reward_text(p.prompt, p.chosen) for p in pairs])
+    rejected = model.score([reward_text(p.prompt, p.rejected) for p in pairs])
+    agreed = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected)) / len(pairs)
+    return Evaluation(version=version.name, tasks=tasks, top1=None, span_f1=None, pair_accuracy=round(agreed, 4))
 
 
 def span_f1(predicted: list[dict[str, Any]], human: list[dict[str, Any]]) -> float:

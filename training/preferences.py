@@ -24,7 +24,9 @@ from backend.candidates import REGION_CONTENT, canonical_key
 from backend.errors import InvalidTaskData, UnsupportedLabelConfig
 from backend.label_config import CompiledConfig, compile_label_config, html_to_text
 from backend.prompts import build_messages
-from backend.ranking import COMPARISON_TAGS, UNPLACED_BUCKET, DataObject, PairwiseSpec, RankerSpec, parse_comparison_tags
+from backend.ranking import (
+    COMPARISON_TAGS, UNPLACED_BUCKET, DataObject, PairwiseSpec, RankerSpec, comparison_prompt, parse_comparison_tags,
+)
 
 SOURCE_ANNOTATION = "annotation>prediction"
 SOURCE_PICKED = "picked>unpicked"
@@ -385,8 +387,7 @@ class ComparisonProject(Project):
     @classmethod
     def from_xml(cls, root: ET.Element) -> "ComparisonProject":
         tags = parse_comparison_tags(root)
-        prompt_objects = tuple(o for o in tags.unpaired_objects() if o.kind in ("text", "hypertext", "paragraphs"))
-        return cls(tags.ranker, tags.pairwise, prompt_objects)
+        return cls(tags.ranker, tags.pairwise, tags.prompt_objects())
 
     # identity: what counts as "the same answer" for consensus
     def identity(self, result: list[dict[str, Any]]) -> str:
@@ -402,8 +403,7 @@ class ComparisonProject(Project):
         return content
 
     def prompt(self, task: dict[str, Any]) -> list[dict[str, str]]:
-        text = "\n\n".join(t for t in (o.read_text(task) for o in self.prompt_objects) if t)
-        return [{"role": "user", "content": text}] if text else []
+        return comparison_prompt(self.prompt_objects, task)
 
     def pairs(self, record: TaskRecord, verdict: Verdict) -> list[PreferencePair]:
         comparisons = self._comparisons(record.task, verdict.result)

@@ -1,6 +1,11 @@
 """One learning step for a project, after its snapshot is written:
 reward model -> (optional) policy update -> evaluation gate -> promote or reject -> hot swap.
 
+Ranking projects (<Ranker>/<Pairwise>) train the reward model only: it reorders the candidates the next
+fills write (backend.ranking.CandidateFiller), and the gate compares reward models by pair accuracy on
+held-out rankings. The policy update needs an answer config's validity reward and held-out answers; for
+ranking projects it is skipped with a reason in the version's metrics.
+
 Everything a round produces is staged, then published as one registry version; the served version only
 changes through the registry's atomic promotion.
 """
@@ -17,7 +22,7 @@ from backend.ranking import is_comparison_config
 from backend.registry import VersionReader
 from backend.settings import Settings
 
-from .evaluate import EvalTask, evaluate, is_heldout, should_promote
+from .evaluate import EvalTask, Evaluation, evaluate, evaluate_pairs, is_heldout, should_promote
 from .export import ProjectExport
 from .preferences import DerivedData
 from .registry import Registry, VersionRecord
@@ -42,7 +47,8 @@ def learn(inputs: RoundInputs, settings: Settings, progress: Progress) -> dict[s
     if skip:
         progress("skipped", reason=skip)
         return {"skipped": skip}
-    config = compile_label_config(inputs.exported.label_config, settings=settings)
+    ranking = is_comparison_config(inputs.exported.label_config)
+    config = None if ranking else compile_label_config(inputs.exported.label_config, settings=settings)
     record = _train_version(inputs, config, registry, current.name, settings, progress)
     return _gate(inputs, config, registry, record, current, settings, progress)
 
@@ -53,12 +59,13 @@ def _reason_to_skip(inputs: RoundInputs, registry: Registry, current: str, setti
         return f"no new feedback since {current}"
     if len(inputs.derived.pairs) < settings.min_pairs:
         return f"{len(inputs.derived.pairs)} preference pairs < DATAENGINE_MIN_PAIRS={settings.min_pairs}"
-    if is_comparison_config(inputs.exported.label_config):
-        return "ranking project: its pairs are in the snapshot; reward-model/policy training from rankings is not wired yet"
     return None
 
 
-def _train_version(inputs, config: CompiledConfig, registry: Registry, parent: str, settings: Settings, progress) -> VersionRecord:
+POLICY_SKIPPED_FOR_RANKINGS = "ranking project: the reward model reorders its candidates; no policy update from rankings yet"
+
+
+def _train_version(inputs, config: CompiledConfig | None, registry: Registry, parent: str, settings: Settings, progress) -> VersionRecord:
     from .reward_model import RewardSettings, train_reward_model
 
     name = registry.next_version_name()
@@ -75,7 +82,9 @@ def _train_version(inputs, config: CompiledConfig, registry: Registry, parent: s
     )
     metrics: dict[str, Any] = {"reward_model": rm.metrics}
     algo = _policy_algo(settings)
-    if algo != "none":
+    if algo != "none" and config is None:
+        metrics["policy"] = {"skipped": POLICY_SKIPPED_FOR_RANKINGS}
+    elif algo != "none":
         metrics["policy"] = _train_policy(inputs, config, staged, str(rm.path), algo, train_pairs, settings, progress)
     return registry.create_version(
         name, staged, parent=parent, snapshot_hash=inputs.snapshot.content_hash, metrics=metrics
@@ -124,10 +133,7 @@ def _train_policy(inputs, config, staged, rm_path: str, algo: str, train_pairs, 
 
 def _gate(inputs, config, registry: Registry, record: VersionRecord, current, settings: Settings, progress) -> dict:
     progress("evaluate", version=record.name)
-    tasks = {t["id"]: t for t in inputs.exported.tasks}
-    heldout = [EvalTask(tasks[s.task_id], s.result) for s in inputs.derived.sft if is_heldout(s.task_id) and s.task_id in tasks]
-    candidate_eval = evaluate(settings, config, record.serving(), heldout, inputs.exported.instructions)
-    current_eval = evaluate(settings, config, current, heldout, inputs.exported.instructions)
+    candidate_eval, current_eval = (_evaluate(inputs, config, version, settings) for version in (record.serving(), current))
     promote, reason = should_promote(candidate_eval, current_eval, settings.promote_margin, settings.eval_min_tasks)
     evaluation = {"candidate": candidate_eval.as_dict(), "current": current_eval.as_dict()}
     if promote:
@@ -137,6 +143,16 @@ def _gate(inputs, config, registry: Registry, record: VersionRecord, current, se
         registry.reject(record, reason, evaluation)
     progress("promoted" if promote else "rejected", version=record.name, reason=reason)
     return {"version": record.name, "promoted": promote, "reason": reason, "evaluation": evaluation}
+
+
+def _evaluate(inputs: RoundInputs, config: CompiledConfig | None, version, settings: Settings) -> Evaluation:
+    """Answer configs: the version's served ranking on held-out human-labelled tasks. Ranking projects
+    (config None): its reward model on held-out human pairs."""
+    if config is None:
+        return evaluate_pairs(version, [p for p in inputs.derived.pairs if is_heldout(p.task_id)])
+    tasks = {t["id"]: t for t in inputs.exported.tasks}
+    heldout = [EvalTask(tasks[s.task_id], s.result) for s in inputs.derived.sft if is_heldout(s.task_id) and s.task_id in tasks]
+    return evaluate(settings, config, version, heldout, inputs.exported.instructions)
 
 
 def _load_into_engine(record: VersionRecord, settings: Settings) -> None:
