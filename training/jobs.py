@@ -1,5 +1,7 @@
 """RQ jobs: one training round per project (export -> derive -> snapshot -> [train -> evaluate ->
-promote]) and the periodic reconcile that catches triggers Label Studio never delivered.
+promote]) and the periodic reconcile that catches triggers Label Studio never delivered: annotations
+whose webhooks were lost (a training round) and, in ranking projects, imported tasks whose TASKS_CREATED
+was lost and so never got candidates (a prelabel job for those tasks).
 
 Runs inside `dataengine worker`. One round per project at a time (a Redis lock); a trigger that
 arrives while a round runs sets `rerun:<project>` and the round goes once more (coalesced, not lost).
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,8 @@ from rq import get_current_job
 
 from backend.jobs import FeedbackQueue, key
 from backend.metrics import record_training_job
+from backend.prelabel_queue import PrelabelRequest, enqueue_prelabel
+from backend.ranking import compile_ranking_config, is_comparison_config
 from backend.settings import Settings, get_settings
 
 from .export import export_project
@@ -104,34 +109,54 @@ def _label_studio_credentials(settings: Settings) -> tuple[str, str]:
 
 
 def reconcile(settings: Settings | None = None) -> dict[str, Any]:
-    """Compare each known project's annotation count in Label Studio with the latest snapshot's; train
-    where they differ by at least DATAENGINE_TRAIN_EVERY (webhooks may have been lost), then reschedule."""
+    """For each known project, read its tasks in Label Studio once: train where the annotation count differs
+    from the latest snapshot's by at least DATAENGINE_TRAIN_EVERY, and fill ranking tasks that have no
+    candidates (unless a prelabel job of the project is queued or running); then reschedule."""
     settings = settings or get_settings()
     queue = FeedbackQueue.from_settings(settings)
-    triggered = []
+    triggered, filling = [], []
     for raw in queue.redis.smembers(key("projects")):
         project = raw.decode()
         try:
-            if _needs_training(project, settings, queue.redis):
+            state = _read_project(project, settings)
+            seen = int(queue.redis.get(key("seen-annotations", project)) or 0)
+            if abs(state.annotations - seen) >= settings.train_every:
                 triggered.append(queue.request_training(project, reason="reconcile"))
+            if state.unfilled and not _prelabel_pending(queue, project):
+                request = PrelabelRequest(project, task_ids=state.unfilled, reason="reconcile")
+                filling.append(enqueue_prelabel(queue, request, settings.job_timeout))
         except Exception as exc:  # one unreachable project must not stop the others
             log.warning("reconcile of project %s failed: %s", project, exc)
     if settings.reconcile_interval:
         from datetime import timedelta
 
         queue.queue.enqueue_in(timedelta(seconds=settings.reconcile_interval), "training.jobs.reconcile", job_id="reconcile-next")
-    return {"triggered": triggered}
+    return {"triggered": triggered, "filling": filling}
 
 
-def _needs_training(project: str, settings: Settings, redis: Redis) -> bool:
-    url, api_key = _label_studio_credentials(settings)
-    total = _annotation_count(url, api_key, project)
-    seen = int(redis.get(key("seen-annotations", project)) or 0)
-    return abs(total - seen) >= settings.train_every
+@dataclass(frozen=True)
+class ProjectState:
+    annotations: int  # in Label Studio now
+    unfilled: tuple[int, ...]  # ranking projects: tasks without candidates
 
 
-def _annotation_count(url: str, api_key: str, project: str) -> int:
+def _read_project(project: str, settings: Settings) -> ProjectState:
     from backend.label_studio import client
 
+    url, api_key = _label_studio_credentials(settings)
     ls = client(url, api_key)
-    return sum(len(t.annotations or []) for t in ls.tasks.list(project=int(project), fields="all"))
+    xml = ls.projects.get(id=int(project)).label_config or ""
+    ranking = compile_ranking_config(xml, settings=settings) if is_comparison_config(xml) else None
+    annotations, unfilled = 0, []
+    for task in ls.tasks.list(project=int(project), fields="all"):
+        annotations += len(task.annotations or [])
+        if ranking is not None and not ranking.has_candidates({"data": task.data}):
+            unfilled.append(int(task.id))
+    return ProjectState(annotations, tuple(unfilled))
+
+
+def _prelabel_pending(queue: FeedbackQueue, project: str) -> bool:
+    """A prelabel job of the project is queued or running: it may be filling those very tasks."""
+    prefix = f"prelabel-{project}-"
+    waiting = queue.queue.get_job_ids() + queue.queue.started_job_registry.get_job_ids()
+    return any(job_id.startswith(prefix) for job_id in waiting)

@@ -1,7 +1,8 @@
 """Ranking projects end to end against a real Label Studio 1.23.2: importing tasks into a <Ranker>/<Pairwise>
 project fires TASKS_CREATED, an RQ job on the real worker (started by `dataengine serve`) writes N
 candidates into each task through the SDK plus the model's order as a prediction; a submitted ranking
-becomes ordered preference pairs in the next snapshot. `dataengine prelabel` pre-labels a whole answer
+becomes ordered preference pairs in the next snapshot; the periodic reconcile fills tasks whose TASKS_CREATED was
+lost. `dataengine prelabel` pre-labels a whole answer
 project in bulk and resumes without redoing what is stored; a forced run replaces our predictions.
 
 Every wait is on a real condition (a job's end, a snapshot's appearance), never on a duration: candidates
@@ -144,6 +145,31 @@ def test_a_forced_refill_leaves_each_task_one_prediction_ranking_its_new_candida
         assert prediction["id"] not in before[task_id]
         ranked = prediction["result"][0]["value"]["ranker"]["rank"]
         assert sorted(ranked) == sorted(i["id"] for i in task_data(ls, task_id)["candidates"])
+
+
+def test_reconcile_fills_ranking_tasks_whose_tasks_created_webhook_was_lost(ls, stack, label_studio):
+    """Label Studio never retries a webhook. A task without candidates (here: the candidates taken out of its
+    data, as if TASKS_CREATED never arrived) gets them from the periodic reconcile, once."""
+    from backend.settings import Settings
+    from training.jobs import reconcile
+
+    project, data = filled_project(ls, stack, "ranking")
+    lost = project.task_ids[0]
+    plain = {k: v for k, v in data[lost].items() if k != "candidates"}
+    expect(ls.patch(f"/api/tasks/{lost}", json={"data": plain}), 200, "take the candidates out")
+    settings = Settings(
+        redis_url=REDIS_URL, label_studio_url=label_studio.url, label_studio_api_key=label_studio.token,
+        train_every=1000, reconcile_interval=0, model_dir=stack["model_dir"],
+    )
+    result = reconcile(settings)
+    assert result["triggered"] == [] and len(result["filling"]) == 1, result
+    job = next(j for j in ended_prelabel_jobs(stack, project.id) if j["id"] == result["filling"][0])
+    assert (job["progress"]["done"], job["progress"]["skipped"]) == (1, 0), job
+    assert len(task_data(ls, lost)["candidates"]) == N
+    (prediction,) = stored_predictions(ls, lost)  # the old ranking, of candidates that are gone, was replaced
+    ranked = [i for ids in prediction["result"][0]["value"]["ranker"].values() for i in ids]
+    assert sorted(ranked) == sorted(i["id"] for i in task_data(ls, lost)["candidates"])
+    assert reconcile(settings)["filling"] == []  # nothing left to fill
 
 
 def test_a_submitted_ranking_becomes_ordered_pairs_in_the_next_snapshot(ls, stack, ranking):
