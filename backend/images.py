@@ -126,11 +126,9 @@ class RawImage:
 class ImageFetcher:
     """Thread-safe: one per process, shared by the predictor's threads."""
 
-    def __init__(self, limits: ImageLimits, http: httpx.Client | None = None):
+    def __init__(self, limits: ImageLimits):
         self.limits = limits
-        self._http = http or httpx.Client(
-            timeout=httpx.Timeout(limits.timeout), follow_redirects=False, transport=PerThreadTransport()
-        )
+        self._http = httpx.Client(timeout=httpx.Timeout(limits.timeout), follow_redirects=False, transport=PerThreadTransport())
 
     def prepare(self, reference: str, access: LabelStudioAccess, where: str) -> PreparedImage:
         """Fetch, validate and re-encode the image `reference`; `where` names it in errors ("task 3 image 'img'")."""
