@@ -5,6 +5,7 @@ What a prelabel run writes and how it stops are checked against stand-ins for th
 (the real ones: tests/e2e/test_ranking.py)."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from types import SimpleNamespace
@@ -275,14 +276,23 @@ class FakeLabelStudio:
         self.imported, self.deleted, self.updated = [], [], {}
         project = SimpleNamespace(label_config=xml, expert_instruction="", task_number=len(tasks))
         self.projects = SimpleNamespace(get=lambda id: project, import_predictions=lambda id, request: self.imported.extend(request))
-        self.tasks = SimpleNamespace(list=lambda **_: iter(tasks), update=lambda id, data: self.updated.__setitem__(int(id), data))
+        self.tasks = SimpleNamespace(list=lambda **kw: iter(self._selected(tasks, kw.get("query"))),
+                                     update=lambda id, data: self.updated.__setitem__(int(id), data))
         self.predictions = SimpleNamespace(delete=lambda id: self.deleted.append(id))
 
+    @staticmethod
+    def _selected(tasks: list[dict], query: str | None) -> list[dict]:
+        """Data Manager's `selectedItems` filter, as Label Studio applies it to GET /api/tasks."""
+        if query is None:
+            return tasks
+        included = json.loads(query)["selectedItems"]["included"]
+        return [t for t in tasks if t["id"] in included]
 
-def prelabel(tmp_path, ls, engine, force=False):
+
+def prelabel(tmp_path, ls, engine, force=False, task_ids=()):
     prelabeler = Prelabeler(make_settings(tmp_path), engine=engine, ls=ls)
     try:
-        return prelabeler.run(PrelabelOptions("5", force=force))
+        return prelabeler.run(PrelabelOptions("5", force=force, task_ids=tuple(task_ids)))
     finally:
         prelabeler.close()
 
@@ -321,3 +331,11 @@ def test_a_forced_redo_of_an_answer_project_replaces_the_serving_versions_predic
     assert prelabel(tmp_path, ls, ScoringEngine()).skipped == 1 and ls.deleted == []  # not forced: already done
     summary = prelabel(tmp_path, ls, ScoringEngine(), force=True)
     assert len(ls.imported) == 3 and sorted(ls.deleted) == [21, 22] and summary.replaced == 2
+
+
+def test_tasks_asked_for_by_id_are_listed_and_an_unknown_id_fails_alone_with_a_404(tmp_path):
+    tasks = [{"id": i, "data": {"text": f"review {i}"}, "predictions": [], "annotations": []} for i in (1, 2, 3)]
+    ls = FakeLabelStudio("sentiment", tasks)
+    summary = prelabel(tmp_path, ls, ScoringEngine(), task_ids=(3, 99, 1))
+    assert sorted({p.task for p in ls.imported}) == [1, 3] and (summary.done, summary.failed) == (2, 1)
+    assert summary.errors == [{"task": 99, "status": 404, "error": "task 99 is not in project 5"}]

@@ -16,6 +16,7 @@ stored, the ones they supersede are deleted (see `_Plan.superseded`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from backend.engine_client import EngineClient
+from backend.errors import RequestError
 from backend.images import LabelStudioAccess
 from backend.label_config import CompiledConfig, compile_label_config
 from backend.label_studio import client as label_studio_client
@@ -164,6 +166,9 @@ class Prelabeler:
             if options.limit is not None and summary.seen - summary.skipped >= options.limit:
                 return
             summary.seen += 1
+            if isinstance(task, _MissingTask):
+                _record_failure(summary, task.failure(options.project))
+                continue
             if plan.annotated_ranking(task) or (not options.force and plan.already_done(task)):
                 summary.skipped += 1
                 _tick(tqdm_bar, summary)
@@ -173,13 +178,21 @@ class Prelabeler:
     def _tasks(self, options: PrelabelOptions) -> Iterator[dict[str, Any]]:
         return _read_ahead(self._read_tasks(options), PREFETCH_TASKS)
 
-    def _read_tasks(self, options: PrelabelOptions) -> Iterator[dict[str, Any]]:
-        if options.task_ids:
-            for task_id in options.task_ids:
-                yield task_as_dict(self.ls.tasks.get(id=str(task_id)))
+    def _read_tasks(self, options: PrelabelOptions) -> Iterator[dict[str, Any] | "_MissingTask"]:
+        if not options.task_ids:
+            for task in self.ls.tasks.list(project=int(options.project), fields="all", page_size=PAGE_SIZE):
+                yield task_as_dict(task)
             return
-        for task in self.ls.tasks.list(project=int(options.project), fields="all", page_size=PAGE_SIZE):
-            yield task_as_dict(task)
+        # Listed by id, a page at a time: a GET per task would also make Label Studio ask this backend's
+        # /predict for that task, a second engine call per task
+        missing = dict.fromkeys(options.task_ids)
+        selected = json.dumps({"selectedItems": {"all": False, "included": list(missing)}})
+        for task in self.ls.tasks.list(project=int(options.project), fields="all", page_size=PAGE_SIZE, query=selected):
+            task = task_as_dict(task)
+            missing.pop(task.get("id"), None)
+            yield task
+        for task_id in missing:
+            yield _MissingTask(task_id)
 
     def _results(self, plan: "_Plan", tasks: Iterable[dict[str, Any]]) -> Iterator[_Result]:
         """Keep `prelabel_concurrency` tasks in flight; yield results as they complete (any order)."""
@@ -200,9 +213,7 @@ class Prelabeler:
         for future in finished:
             outcome = future.result()  # engine/server errors (5xx) end the run: resumable, nothing half-written
             if isinstance(outcome, TaskFailure):
-                summary.failed += 1
-                if len(summary.errors) < MAX_REPORTED_ERRORS:
-                    summary.errors.append({"task": outcome.task_id, "status": outcome.error.status, "error": outcome.error.message})
+                _record_failure(summary, outcome)
                 continue
             summary.done += 1
             yield outcome
@@ -331,6 +342,22 @@ class _Uploader:
 
 
 _END = object()
+
+
+@dataclass(frozen=True)
+class _MissingTask:
+    """A task id asked for that the project does not hold (deleted, or another project's)."""
+
+    task_id: int
+
+    def failure(self, project: str) -> TaskFailure:
+        return TaskFailure(0, self.task_id, RequestError(f"task {self.task_id} is not in project {project}", status=404))
+
+
+def _record_failure(summary: PrelabelSummary, failure: TaskFailure) -> None:
+    summary.failed += 1
+    if len(summary.errors) < MAX_REPORTED_ERRORS:
+        summary.errors.append({"task": failure.task_id, "status": failure.error.status, "error": failure.error.message})
 
 
 def _read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
