@@ -21,7 +21,7 @@ from backend.registry import ServingVersion
 from backend.settings import Settings
 
 from .preferences import PreferencePair
-from .reward_model import heldout_unit
+from .reward_model import default_render, heldout_unit, pairwise_accuracy
 
 HELDOUT_FRACTION = 0.2
 
@@ -85,17 +85,16 @@ def evaluate(
 
 
 def evaluate_pairs(version: ServingVersion, pairs: list[PreferencePair]) -> Evaluation:
-    """Ranking projects: pair accuracy of the version's reward model on held-out pairs (a tie counts half)."""
+    """Ranking projects: pair accuracy of the version's reward model on held-out pairs, measured as the
+    reward model's own held-out metric is (same texts, same accuracy)."""
     tasks = len({pair.task_id for pair in pairs})
     if not pairs or not version.reward_model_path:
         return Evaluation(version=version.name, tasks=tasks, top1=None, span_f1=None, pair_accuracy=0.5)
-    from backend.prompts import reward_text
     from backend.reward_scoring import RewardModel
 
     model = RewardModel.load(version.reward_model_path)
-    chosen = model.score([reward_text(p.prompt, p.chosen) for p in pairs])
-    rejected = model.score([reward_text(p.prompt, p.rejected) for p in pairs])
-    agreed = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected)) / len(pairs)
+    chosen_texts, rejected_texts = zip(*(default_render(pair) for pair in pairs))
+    agreed = pairwise_accuracy(model.score(chosen_texts), model.score(rejected_texts))
     return Evaluation(version=version.name, tasks=tasks, top1=None, span_f1=None, pair_accuracy=round(agreed, 4))
 
 
