@@ -365,6 +365,11 @@ def pairwise_result(spec: PairwiseSpec, left: Item, right: Item) -> dict[str, An
     return {"from_name": spec.name, "to_name": spec.left.name, "type": "pairwise", "value": {"selected": selected}}
 
 
+# A sampled answer can be cut off by the token limit or come out empty and is dropped; sampling again (up to this
+# many requests) tops the task up to the candidates the annotators were promised.
+SAMPLING_ROUNDS = 3
+
+
 class CandidateFiller:
     """Generates one task's candidates through the Predictor (same engine path as /predict). Once the project
     has a reward model (trained on its annotators' rankings), it reorders the candidates: the model reads each
@@ -388,27 +393,40 @@ class CandidateFiller:
             config=config.answer, tasks=[task], version=replace(version, reward_model_path=None), candidates=candidates,
             temperature=temperature, instructions=instructions,
         )
-        outcome = self.predictor.predict_each(request)
-        if outcome.failures:
-            return outcome.failures[0]
         try:
-            items = self._items(config, task, outcome.predictions[0])
+            items = self._sampled_items(config, task, request)
+            if isinstance(items, TaskFailure):
+                return items
             if version.reward_model_path and len(items) > 1:
                 items = self._rerank(config, task, items, version.reward_model_path)
             return build_filled_task(config, task, items, version.name)
         except InvalidTaskData as exc:
             return TaskFailure(0, task.get("id"), exc)
 
+    def _sampled_items(self, config: RankingConfig, task: dict[str, Any], request: PredictRequest) -> list[Item] | TaskFailure:
+        """Up to `request.candidates` distinct items, best first, sampling again while some are missing."""
+        items: dict[str, Item] = {}
+        closed_set = request.config.enumerable_control(self.predictor.settings.enumerate_max) is not None
+        for _ in range(1 if closed_set else SAMPLING_ROUNDS):  # a closed label set is scored whole, not sampled
+            outcome = self.predictor.predict_each(request)
+            if outcome.failures:
+                return outcome.failures[0]
+            for item in self._items(config, task, outcome.predictions[0]):
+                items.setdefault(item.id, item)
+            if len(items) >= request.candidates:
+                break
+        if not items:
+            raise InvalidTaskData(f"task {task.get('id')}: the model produced no usable candidate")
+        return sorted(items.values(), key=lambda item: -item.score)[: request.candidates]
+
     def _items(self, config: RankingConfig, task: dict[str, Any], predictions: list[dict[str, Any]]) -> list[Item]:
         texts = config.answer.read_task(task, self.predictor.settings.max_text_chars)
-        items: dict[str, Item] = {}
+        items = []
         for prediction in predictions:  # best first
             body = render(config.answer, prediction["result"], texts) if config.label_candidates else response_text(prediction["result"])
             if body.strip():
-                items.setdefault(item_id(body), Item(item_id(body), body, float(prediction["score"])))
-        if not items:
-            raise InvalidTaskData(f"task {task.get('id')}: the model produced no usable candidate")
-        return list(items.values())
+                items.append(Item(item_id(body), body, float(prediction["score"])))
+        return items
 
     def _rerank(self, config: RankingConfig, task: dict[str, Any], items: list[Item], reward_model_path: str) -> list[Item]:
         from .reranker import blend_scores, load_scorer

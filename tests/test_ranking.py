@@ -147,6 +147,33 @@ def test_response_ranking_gets_n_candidates_and_a_valid_bucket_prediction(filler
     assert LabelInterface(xml).validate_prediction(filled.prediction)
 
 
+class FirstAnswerCutShort(Predictor):
+    """The real predictor and engine, except that the first answer keeps one candidate: the tiny engine cuts
+    answers off at the token limit only by chance, so this makes the short answer certain."""
+
+    calls = 0
+
+    def predict_each(self, request):
+        outcome = super().predict_each(request)
+        self.calls += 1
+        if self.calls == 1:
+            outcome.predictions[0] = outcome.predictions[0][:1]
+        return outcome
+
+
+@pytest.mark.engine
+def test_a_short_answer_is_topped_up_to_n_distinct_candidates(engine_url, tmp_path):
+    predictor = FirstAnswerCutShort(make_settings(tmp_path, engine_url), EngineClient(engine_url, TINY_NAME))
+    try:
+        filled, _, _ = fill(CandidateFiller(predictor), "ranking")
+    finally:
+        predictor.close()
+    assert predictor.calls >= 2
+    assert len(filled.data["candidates"]) == 4 and len({i["id"] for i in filled.data["candidates"]}) == 4
+    scores = [item.score for item in filled.items]
+    assert scores == sorted(scores, reverse=True)
+
+
 @pytest.mark.engine
 def test_label_candidates_render_each_annotation_readably(filler):
     filled, _, xml = fill(filler, "rank_sentiment")
