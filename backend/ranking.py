@@ -405,13 +405,14 @@ class CandidateFiller:
 
     def _sampled_items(self, config: RankingConfig, task: dict[str, Any], request: PredictRequest) -> list[Item] | TaskFailure:
         """Up to `request.candidates` distinct items, best first, sampling again while some are missing."""
+        texts = config.answer.read_task(task, self.predictor.settings.max_text_chars)
         items: dict[str, Item] = {}
         closed_set = request.config.enumerable_control(self.predictor.settings.enumerate_max) is not None
         for _ in range(1 if closed_set else SAMPLING_ROUNDS):  # a closed label set is scored whole, not sampled
             outcome = self.predictor.predict_each(request)
             if outcome.failures:
                 return outcome.failures[0]
-            for item in self._items(config, task, outcome.predictions[0]):
+            for item in self._items(config, texts, outcome.predictions[0]):
                 items.setdefault(item.id, item)
             if len(items) >= request.candidates:
                 break
@@ -419,8 +420,7 @@ class CandidateFiller:
             raise InvalidTaskData(f"task {task.get('id')}: the model produced no usable candidate")
         return sorted(items.values(), key=lambda item: -item.score)[: request.candidates]
 
-    def _items(self, config: RankingConfig, task: dict[str, Any], predictions: list[dict[str, Any]]) -> list[Item]:
-        texts = config.answer.read_task(task, self.predictor.settings.max_text_chars)
+    def _items(self, config: RankingConfig, texts: dict[str, str], predictions: list[dict[str, Any]]) -> list[Item]:
         items = []
         for prediction in predictions:  # best first
             body = render(config.answer, prediction["result"], texts) if config.label_candidates else response_text(prediction["result"])
