@@ -21,6 +21,14 @@ from backend.settings import Settings
 REPO = Path(__file__).resolve().parents[1]
 LABEL_CONFIGS = REPO / "label_config"
 TINY_NAME = "tiny"
+# The Redis server tests use (each test file owns one database on it). Point it elsewhere to run two
+# checkouts' suites side by side: DATAENGINE_TEST_REDIS=redis://127.0.0.1:6380
+TEST_REDIS = os.environ.get("DATAENGINE_TEST_REDIS", "redis://127.0.0.1:6379").rstrip("/")
+
+
+def redis_db(number: int) -> str:
+    """The URL of test Redis database `number`."""
+    return f"{TEST_REDIS}/{number}"
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backend.logs import JsonFormatter, configure_logging, server_logconfig
-from tests.conftest import run_backend
+from tests.conftest import redis_db, run_backend
 
 
 def test_json_formatter_writes_one_object_per_record():
@@ -46,7 +46,7 @@ def test_configure_logging_switches_the_root_handler(capsys):
 @pytest.mark.engine
 def test_serve_logs_json_and_serves_metrics_under_granian(tmp_path, engine_url):
     """The real `dataengine serve` (granian, 2 workers, multiprocess metrics) with JSON logs."""
-    env = {"DATAENGINE_LOG_FORMAT": "json", "REDIS_URL": "redis://127.0.0.1:6379/10"}
+    env = {"DATAENGINE_LOG_FORMAT": "json", "REDIS_URL": redis_db(10)}
     log_path = tmp_path / "serve.log"
     with run_backend(engine_url, tmp_path / "model_dir", log_path, env) as (url, _):
         assert httpx.get(url + "/health", timeout=10).status_code == 200

@@ -9,9 +9,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from backend import metrics, quality
 from backend.app import create_app
 from backend.engine_client import EngineClient
-from tests.conftest import flushed_redis, load_config, make_settings
+from tests.conftest import flushed_redis, load_config, make_settings, redis_db
 
-REDIS_URL = "redis://127.0.0.1:6379/10"  # its own database (e2e uses 11 and 12, test_webhook 13), flushed per test
+REDIS_URL = redis_db(10)  # its own database (e2e uses 11 and 12, test_webhook 13), flushed per test
 DOWN_URL = "redis://127.0.0.1:1/0"
 
 

@@ -30,10 +30,10 @@ from backend.ranking import (
     ranker_result,
 )
 from backend.registry import base_version
-from tests.conftest import TINY_NAME, flushed_redis, load_config, make_settings, ranking_configs, shipped_configs
+from tests.conftest import TINY_NAME, flushed_redis, load_config, make_settings, ranking_configs, redis_db, shipped_configs
 from training.prelabel import PrelabelOptions, Prelabeler
 
-REDIS_URL = "redis://127.0.0.1:6379/9"  # this file's own database, flushed per test
+REDIS_URL = redis_db(9)  # this file's own database, flushed per test
 VERSION = base_version(TINY_NAME)
 
 

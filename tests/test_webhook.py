@@ -8,9 +8,9 @@ from backend.app import create_app
 from backend.engine_client import EngineClient
 from backend.feedback import parse_webhook
 from backend.errors import BadRequest
-from tests.conftest import flushed_redis, make_settings
+from tests.conftest import flushed_redis, make_settings, redis_db
 
-REDIS_URL = "redis://127.0.0.1:6379/13"  # a database of its own, flushed per test
+REDIS_URL = redis_db(13)  # a database of its own, flushed per test
 
 
 @pytest.fixture

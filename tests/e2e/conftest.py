@@ -17,14 +17,14 @@ from typing import Any, Callable
 import httpx
 import pytest
 
-from tests.conftest import TINY_NAME, load_config, run_backend
+from tests.conftest import TINY_NAME, load_config, redis_db, run_backend
 from tests.e2e.label_studio_harness import LabelStudioServer, ensure_label_studio_venv, tail
 
 BASE_VERSION = f"{TINY_NAME}-base"  # the model_version our backend serves before any training
 CANDIDATES = 4  # DATAENGINE_CANDIDATES for the backend under test: the most predictions per task
 # A Redis database of the e2e tests' own (test_webhook.py uses 13). Events are told apart from older
 # sessions' by their received_at, never by flushing: Label Studio's ids restart at 1 in every session.
-REDIS_URL = os.environ.get("DATAENGINE_TEST_REDIS_URL", "redis://127.0.0.1:6379/12")
+REDIS_URL = os.environ.get("DATAENGINE_TEST_REDIS_URL", redis_db(12))
 BASIC_AUTH = ("annotator-bot", "e2e-basic-secret")
 RETRIEVE_ALL = {"selectedItems": {"all": True, "excluded": []}}
 

@@ -18,14 +18,14 @@ import httpx
 import pytest
 from redis import Redis
 
-from tests.conftest import run_backend
+from tests.conftest import redis_db, run_backend
 from tests.e2e.conftest import create_connected_project, expect, retrieve_predictions, stored_predictions, wait_for
 from tests.e2e.tcp_proxy import TcpProxy
 from training.snapshot import latest_snapshot, list_snapshots, read_pairs, read_sft
 
 pytestmark = [pytest.mark.e2e, pytest.mark.engine]
 
-REDIS_URL = "redis://127.0.0.1:6379/11"  # this module's own database, flushed at start
+REDIS_URL = redis_db(11)  # this module's own database, flushed at start
 
 
 @pytest.fixture(scope="module")

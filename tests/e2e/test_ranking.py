@@ -21,13 +21,13 @@ import pytest
 from redis import Redis
 
 from backend.prelabel_queue import PRELABEL_FUNC
-from tests.conftest import REPO, TINY_NAME, run_backend
+from tests.conftest import REPO, TINY_NAME, redis_db, run_backend
 from tests.e2e.conftest import BASE_VERSION, create_connected_project, expect, stored_predictions, wait_for
 from training.snapshot import latest_snapshot, read_pairs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.engine]
 
-REDIS_URL = "redis://127.0.0.1:6379/8"  # this module's own database (tests/test_ranking.py flushes 9), flushed at start
+REDIS_URL = redis_db(8)  # this module's own database (tests/test_ranking.py flushes 9), flushed at start
 N = 4  # DATAENGINE_CANDIDATES of the backend under test
 
 
