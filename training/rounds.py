@@ -119,7 +119,7 @@ def _train_policy(inputs, config, staged, rm_path: str, algo: str, train_pairs, 
         return scorer.score([reward_text(messages_by_prompt.get(p, []), c) for p, c in zip(prompts, completions)])
 
     result = train_policy(
-        settings.model,
+        settings.model_path,
         staged / "adapter",
         sft=train_sft,
         pairs=train_pairs,
