@@ -192,6 +192,7 @@ def _install_routes(app: Flask, services: Services) -> None:
             temperature=overrides.get("temperature") or stored.temperature or settings.temperature,
             instructions=stored.instructions,
             label_studio=_label_studio_access(settings, stored),
+            project=project,
         )
         outcome = services.predictor.predict_each(predict_request)
         if len(outcome.failures) == len(tasks):  # nothing to pre-annotate: answer with the (first) task's 4xx

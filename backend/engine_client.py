@@ -19,6 +19,13 @@ from .errors import EngineRejected, EngineUnavailable, RequestError
 from .thread_transport import PerThreadTransport
 
 
+TOP_LOGPROBS_MAX = 20  # vLLM's default --max-logprobs
+MASKED_LOGPROB = -1000.0  # the constraint masks other tokens with about -9999
+SHARED_PREFIX_MIN = 0.05  # a shared option prefix with less probability than this is split evenly, not explored
+MAX_SCORING_REQUESTS = 8
+MASS_FLOOR = 1e-9
+
+
 class UnknownModel(RequestError):
     """The engine does not know the requested model/adapter (e.g. it restarted and lost its adapters)."""
 
@@ -49,6 +56,14 @@ class EngineClient:
         # engine's (uvicorn) 5 s idle timeout
         transport = PerThreadTransport(limits=httpx.Limits(keepalive_expiry=4.0))
         self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0), transport=transport)
+
+    @classmethod
+    def from_settings(cls, settings) -> "EngineClient":
+        """The engine `DATAENGINE_ENGINE_URL` names (`dataengine serve` sets it for its worker)."""
+        if not settings.engine_url:
+            raise RuntimeError("DATAENGINE_ENGINE_URL is not set: the worker needs the engine to evaluate versions "
+                               "(`dataengine serve` passes it)")
+        return cls(settings.engine_url, settings.model_name, settings.engine_request_timeout)
 
     def _url(self) -> str:
         with self._lock:  # spread requests over engine replicas
@@ -112,30 +127,71 @@ class EngineClient:
         return [_sample_from_choice(choice) for choice in body.get("choices", [])]
 
     # --- exhaustive scoring ------------------------------------------------------------------------
-    def score_letters(self, messages: list[dict[str, Any]], letters: list[str], *, model: str | None = None) -> list[float]:
-        """Log-probability of each single-letter answer, from one constrained decoding step.
+    def score_options(
+        self, messages: list[dict[str, Any]], options: list[str], *, model: str | None = None
+    ) -> list[float]:
+        """Log-probability of each option string as the whole answer, renormalised over the options.
 
-        The constraint masks every other token, so the returned log-probabilities are the model's
-        distribution renormalised over the options. (Scoring full label strings through prompt
-        log-probabilities crashes vLLM's CPU LoRA path, which hot swap needs, so options are lettered.)
+        Decoding is constrained to the options (a vLLM choice constraint), so the returned top log-probabilities
+        are the model's distribution over the tokens that can start an option. A token that starts exactly one
+        option settles it: the constraint forces the rest. Where a token is shared (`Ne` for Negative and
+        Neutral, `1` for 1 and 10), the next step is read by continuing that assistant prefix
+        (`continue_final_message`), depth-first, while the shared prefix still holds at least `SHARED_PREFIX_MIN`
+        of the mass; below that, or past `MAX_SCORING_REQUESTS`, its mass is split evenly. (Scoring the option
+        strings through prompt log-probabilities would be one request, but it crashes vLLM's CPU LoRA path.)
         """
-        payload = {
+        mass = [0.0] * len(options)
+        pending: list[tuple[str, float, list[int]]] = [("", 1.0, list(range(len(options))))]
+        requests = 0
+        while pending:
+            prefix, weight, members = pending.pop()
+            if len(members) == 1:
+                mass[members[0]] += weight
+                continue
+            if weight < SHARED_PREFIX_MIN or requests >= MAX_SCORING_REQUESTS:
+                for index in members:
+                    mass[index] += weight / len(members)
+                continue
+            requests += 1
+            suffixes = [options[i][len(prefix):] for i in members]
+            for token, probability in self._next_token_distribution(messages, prefix, suffixes, model):
+                extended = prefix + token
+                following = [i for i in members if options[i].startswith(extended) and token]
+                if not following:  # the end-of-answer token after an option that is complete at `prefix`
+                    following = [i for i in members if options[i] == prefix]
+                if following:
+                    pending.append((extended, weight * probability, following))
+        total = sum(mass)
+        if total <= 0:
+            raise RequestError("the engine gave no probability to any option", 502)
+        return [math.log(m / total) if m > 0 else math.log(MASS_FLOOR) for m in mass]
+
+    def _next_token_distribution(
+        self, messages: list[dict[str, Any]], prefix: str, suffixes: list[str], model: str | None
+    ) -> list[tuple[str, float]]:
+        """(token, probability) of the next token under a choice constraint over `suffixes`, after the assistant
+        prefix `prefix`; probabilities renormalised over the returned tokens."""
+        payload: dict[str, Any] = {
             "model": model or self.model,
             "messages": messages,
             "n": 1,
             "temperature": 0.0,
             "max_tokens": 1,
             "logprobs": True,
-            "top_logprobs": len(letters),
-            "structured_outputs": {"choice": letters},
+            "top_logprobs": TOP_LOGPROBS_MAX,
+            "structured_outputs": {"choice": suffixes},
         }
+        if prefix:
+            payload["messages"] = [*messages, {"role": "assistant", "content": prefix}]
+            payload.update(continue_final_message=True, add_generation_prompt=False)
         body = self._post("/v1/chat/completions", payload)
         try:
             top = body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
         except (KeyError, IndexError, TypeError) as exc:
             raise RequestError(f"the engine returned no log-probabilities for the options: {exc}", 502) from exc
-        by_token = {entry["token"].strip(): entry["logprob"] for entry in top}
-        return [float(by_token.get(letter, float("-inf"))) for letter in letters]
+        allowed = [(entry["token"], math.exp(entry["logprob"])) for entry in top if entry.get("logprob", -math.inf) > MASKED_LOGPROB]
+        total = sum(p for _, p in allowed)
+        return [(token, p / total) for token, p in allowed] if total > 0 else []
 
     # --- adapters (hot swap) -----------------------------------------------------------------------
     def load_lora_adapter(self, name: str, path: str) -> None:

@@ -1,19 +1,23 @@
 """Pre-annotation: tasks + labeling config -> up to N ranked, valid predictions per task."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import metrics
-from .candidates import Candidate, rank_options, rank_samples
+from .calibration import BatchCalibration
+from .candidates import Candidate, rank_options, rank_samples, sort_candidates
 from .engine_client import EngineClient, UnknownModel
 from .errors import RequestError
 from .images import ImageFetcher, ImageLimits, LabelStudioAccess
 from .label_config import CompiledConfig, Control
-from .prompts import LETTERS, answer_text, build_choice_messages, build_messages, reward_text
+from .prompts import answer_text, build_choice_messages, build_messages, option_answer, reward_text
 from .registry import ServingVersion
+from .reranker import blend_scores, load_scorer
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,6 +32,7 @@ class PredictRequest:
     temperature: float
     instructions: str = ""
     label_studio: LabelStudioAccess = LabelStudioAccess()  # where `/data/upload/...` images are read
+    project: str = ""  # keys the closed-set calibration estimate (backend/calibration.py)
 
 
 @dataclass(frozen=True)
@@ -57,12 +62,43 @@ class PredictOutcome:
     failures: list[TaskFailure]
 
 
+@dataclass(frozen=True)
+class RankedTask:
+    """One task's candidates as the policy ranks them (best first), and the reward model's score of each when
+    the version has one. `blended(weight)` is what a version serves: the two mixed (`reranker.blend_scores`)."""
+
+    candidates: list[Candidate]
+    rewards: list[float] | None = None
+
+    def blended(self, weight: float) -> list[Candidate]:
+        if self.rewards is None or len(self.candidates) < 2 or weight <= 0:
+            return self.candidates
+        scores = blend_scores([c.score for c in self.candidates], self.rewards, weight)
+        return sort_candidates([replace(c, score=score) for c, score in zip(self.candidates, scores)])
+
+
+@dataclass
+class _Scored:
+    """A task after the engine: sampled candidates, or a closed set's options with their log-probabilities
+    (ranked once the whole batch is in, for calibration)."""
+
+    item: TaskInput
+    candidates: list[Candidate] | None = None
+    option_results: list[list[dict[str, Any]]] | None = None
+    option_logprobs: list[float] | None = None
+
+
+def _content_key(texts: dict[str, str]) -> str:
+    return hashlib.sha1(json.dumps(texts, sort_keys=True).encode()).hexdigest()
+
+
 class Predictor:
     def __init__(self, settings: Settings, engine: EngineClient):
         self.settings = settings
         self.engine = engine
         self._pool = ThreadPoolExecutor(max_workers=settings.predict_concurrency, thread_name_prefix="predict")
         self.images = ImageFetcher(ImageLimits.from_settings(settings))
+        self.calibration = BatchCalibration()
 
     def predict(self, request: PredictRequest) -> list[list[dict[str, Any]]]:
         """One list of predictions per task, in task order; the first bad task's error is raised."""
@@ -74,22 +110,34 @@ class Predictor:
     def predict_each(self, request: PredictRequest) -> PredictOutcome:
         """Every task on its own: a task with bad data or a bad image gets a TaskFailure (its 4xx) and an empty
         prediction list, and the other tasks are still pre-annotated. Engine and server errors (5xx) raise."""
-        ranked = list(self._pool.map(lambda pair: self._task_outcome(request, *pair), enumerate(request.tasks)))
-        failures = [item for item in ranked if isinstance(item, TaskFailure)]
+        ranked = self.rank_each(request)
+        weight = request.version.rm_weight if request.version.rm_weight is not None else self.settings.rm_weight
         predictions = [
             []
-            if isinstance(candidates, TaskFailure)
+            if isinstance(task, TaskFailure)
             else [
                 {"result": c.result, "score": round(c.score, 6), "model_version": request.version.name}
-                for c in candidates[: request.candidates]
+                for c in task.blended(weight)[: request.candidates]
             ]
-            for candidates in ranked
+            for task in ranked
         ]
-        return PredictOutcome(predictions, failures)
+        return PredictOutcome(predictions, [task for task in ranked if isinstance(task, TaskFailure)])
 
-    def _task_outcome(self, request: PredictRequest, index: int, task: Any) -> list[Candidate] | TaskFailure:
+    def rank_each(self, request: PredictRequest) -> list[RankedTask | TaskFailure]:
+        """Per task, in task order: its ranked candidates and their reward-model scores, or its failure."""
+        outcomes = list(self._pool.map(lambda pair: self._task_outcome(request, *pair), enumerate(request.tasks)))
+        scored = [s for s in outcomes if isinstance(s, _Scored)]
+        self._rank_options(request, [s for s in scored if s.option_results is not None])
+        rewards = self._rewards(request, scored) if request.version.reward_model_path else [None] * len(scored)
+        by_task = iter(RankedTask(s.candidates or [], r) for s, r in zip(scored, rewards))
+        ranked = [s if isinstance(s, TaskFailure) else next(by_task) for s in outcomes]
+        for task in scored:
+            metrics.CANDIDATES.inc(min(len(task.candidates or []), request.candidates))
+        return ranked
+
+    def _task_outcome(self, request: PredictRequest, index: int, task: Any) -> _Scored | TaskFailure:
         try:
-            return self._candidates_for(request, self._read(request, task))
+            return self._scored(request, self._read(request, task))
         except RequestError as exc:
             if exc.status >= 500:
                 raise
@@ -108,26 +156,21 @@ class Predictor:
         }
         return TaskInput(task, texts, images)
 
-    def _candidates_for(self, request: PredictRequest, item: TaskInput) -> list[Candidate]:
+    def _scored(self, request: PredictRequest, item: TaskInput) -> _Scored:
         try:
-            return self._ranked_candidates(request, item)
+            return self._ask_engine(request, item)
         except UnknownModel:
             if not request.version.adapter:
                 raise
             self.engine.forget_adapter(request.version.adapter)  # engine restarted: load it again, once
-            return self._ranked_candidates(request, item)
+            return self._ask_engine(request, item)
 
-    def _ranked_candidates(self, request: PredictRequest, item: TaskInput) -> list[Candidate]:
+    def _ask_engine(self, request: PredictRequest, item: TaskInput) -> _Scored:
         self._ensure_adapter(request.version)
         control = request.config.enumerable_control(self.settings.enumerate_max)
         if control is not None:
-            candidates = self._enumerate(request, control, item)
-        else:
-            candidates = self._sample(request, item)
-        if request.version.reward_model_path and len(candidates) > 1:
-            candidates = self._rerank(request, item.texts, candidates)
-        metrics.CANDIDATES.inc(min(len(candidates), request.candidates))
-        return candidates
+            return self._score_options(request, control, item)
+        return _Scored(item, candidates=self._sample(request, item))
 
     def _ensure_adapter(self, version: ServingVersion) -> None:
         """Hot swap: a promoted adapter is loaded into the engine on first use (the worker also loads it at
@@ -135,24 +178,42 @@ class Predictor:
         if version.adapter and version.adapter_path:
             self.engine.ensure_adapter(version.adapter, version.adapter_path)
 
-    def _rerank(self, request: PredictRequest, texts: dict[str, str], candidates: list[Candidate]) -> list[Candidate]:
-        from .reranker import load_scorer, rerank
-
-        messages = build_messages(request.config, texts, request.instructions)
-        inputs = [reward_text(messages, answer_text(request.config.answer_from_results(c.result, texts))) for c in candidates]
-        return rerank(candidates, inputs, load_scorer(request.version.reward_model_path), self.settings.rm_weight)
-
-    def _enumerate(self, request: PredictRequest, control: Control, item: TaskInput) -> list[Candidate]:
-        """Closed label set: score every option with the model's log-probabilities (deterministic)."""
+    def _score_options(self, request: PredictRequest, control: Control, item: TaskInput) -> _Scored:
+        """Closed label set: every option scored with the model's log-probabilities (deterministic)."""
         options = control.options() or []
-        texts = item.texts
         messages = build_choice_messages(
-            request.config, texts, control, [control.describe_option(o) for o in options], request.instructions, item.images
+            request.config, item.texts, control, [control.describe_option(o) for o in options], request.instructions,
+            item.images,
         )
-        logprobs = self.engine.score_letters(messages, list(LETTERS[: len(options)]), model=request.version.adapter)
-        text = texts[control.target.name]
-        results = [control.to_results(option, text) for option in options]
-        return rank_options(results, logprobs)
+        logprobs = self.engine.score_options(messages, [option_answer(o) for o in options], model=request.version.adapter)
+        text = item.texts[control.target.name]
+        return _Scored(item, option_results=[control.to_results(o, text) for o in options], option_logprobs=logprobs)
+
+    def _rank_options(self, request: PredictRequest, scored: list[_Scored]) -> None:
+        """Closed sets, once the whole batch is scored: calibrated (base model only) and ranked."""
+        if not scored:
+            return
+        logprobs = [s.option_logprobs for s in scored]
+        if self.settings.calibration == "batch" and not request.version.adapter:
+            control = request.config.enumerable_control(self.settings.enumerate_max)
+            key = (request.project, request.version.name, control.name, tuple(map(str, control.options() or [])))
+            logprobs = self.calibration.calibrate(key, [(_content_key(s.item.texts), row) for s, row in zip(scored, logprobs)])
+        for item, row in zip(scored, logprobs):
+            item.candidates = rank_options(item.option_results, row)
+
+    def _rewards(self, request: PredictRequest, scored: list[_Scored]) -> list[list[float] | None]:
+        """The reward model's score of every candidate of every task (one batched pass); None for a task
+        with fewer than two candidates (nothing to reorder)."""
+        texts: list[str] = []
+        for task in scored:
+            if len(task.candidates or []) > 1:
+                messages = build_messages(request.config, task.item.texts, request.instructions)
+                texts += [
+                    reward_text(messages, answer_text(request.config.answer_from_results(c.result, task.item.texts)))
+                    for c in task.candidates
+                ]
+        flat = iter(load_scorer(request.version.reward_model_path).score(texts) if texts else [])
+        return [[next(flat) for _ in task.candidates] if len(task.candidates or []) > 1 else None for task in scored]
 
     def _sample(self, request: PredictRequest, item: TaskInput) -> list[Candidate]:
         config = request.config

@@ -2,21 +2,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from .label_config import CompiledConfig, Control
 
 SYSTEM_PROMPT = (
     "You are a careful data annotator. Read the task data and annotate it exactly as the labeling "
-    "instructions say. Answer with one JSON object and nothing else."
+    "instructions say."
 )
+JSON_ONLY = " Answer with one JSON object and nothing else."
 
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def _system(config: CompiledConfig, instructions: str) -> dict[str, str]:
-    system = SYSTEM_PROMPT
+def _system(config: CompiledConfig, instructions: str, closing: str = JSON_ONLY) -> dict[str, str]:
+    system = SYSTEM_PROMPT + closing
     guidelines = (instructions or config.instructions).strip()
     if guidelines:
         system += "\n\nLabeling instructions:\n" + guidelines
@@ -76,14 +75,22 @@ def build_choice_messages(
     instructions: str = "",
     images: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Ask for the letter of the best option (the exhaustive-scoring path for closed label sets)."""
-    lines = "\n".join(f"{LETTERS[i]}) {label}" for i, label in enumerate(option_labels))
+    """Ask for the best option, answered as the option itself (the exhaustive-scoring path for closed label
+    sets). `option_labels` are the options as the model sees them (with their hints); the answer is the bare
+    option (`option_answer`). The model's own words carry what it knows about the labels: a 135M model
+    scored by letter (A, B, ...) ranked sentiment no better than chance, by label word it did (AUROC 0.75)."""
+    lines = "\n".join(f"- {label}" for label in option_labels)
     hint = f" ({control.hint})" if control.hint else ""
     user = (
         f"{_task_data(config, texts)}\n\nWhich option fits \"{control.name}\"{hint} best?\n{lines}\n\n"
-        "Answer with the letter only."
+        "Answer with the option only."
     )
-    return [_system(config, instructions), _user(config, texts, user, images)]
+    return [_system(config, instructions, closing=""), _user(config, texts, user, images)]
+
+
+def option_answer(option: Any) -> str:
+    """What the model answers for an option of a closed set (a Choice value, a rating number)."""
+    return str(option)
 
 
 def answer_text(answer: dict) -> str:
@@ -101,3 +108,30 @@ def reward_text(messages: list[dict[str, Any]], answer: str) -> str:
     for marker in ("\n\nFill in these fields:", "\n\nWhich option fits"):
         data = data.split(marker, 1)[0]
     return f"{data.strip()}\nAnswer: {answer}"
+
+
+@dataclass(frozen=True)
+class PolicyTurn:
+    """One exchange in the format the policy is served in: the prompt it is asked, the answer it should give."""
+
+    messages: list[dict[str, Any]]
+    completion: str
+
+
+def policy_turn(
+    config: CompiledConfig, texts: dict[str, str], result: list[dict[str, Any]], instructions: str = "", *, enumerate_max: int
+) -> PolicyTurn | None:
+    """What the served model is asked for a task and what it should answer for `result`. Training uses this so
+    the policy learns exactly the prompt /predict sends: a closed label set's option-scoring prompt answered
+    with the bare option (`build_choice_messages`), otherwise the JSON prompt answered with the canonical JSON
+    answer (`build_messages`). None when `result` holds no option of the closed set."""
+    control = config.enumerable_control(enumerate_max)
+    if control is None:
+        answer = answer_text(config.answer_from_results(result, texts))
+        return PolicyTurn(build_messages(config, texts, instructions), answer)
+    options = control.options() or []
+    chosen = config.answer_from_results(result, texts).get(control.name)
+    if chosen not in options:
+        return None
+    labels = [control.describe_option(o) for o in options]
+    return PolicyTurn(build_choice_messages(config, texts, control, labels, instructions), option_answer(chosen))

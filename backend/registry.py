@@ -20,6 +20,7 @@ class ServingVersion:
     adapter: str | None = None  # LoRA adapter name in the engine; None = base model
     adapter_path: str | None = None
     reward_model_path: str | None = None
+    rm_weight: float | None = None  # the reward model's share in the served score; None: DATAENGINE_RM_WEIGHT
 
 
 def base_version(model_name: str) -> ServingVersion:
@@ -49,6 +50,7 @@ class VersionReader:
             adapter=data.get("adapter"),
             adapter_path=data.get("adapter_path"),
             reward_model_path=data.get("reward_model_path"),
+            rm_weight=data.get("rm_weight"),
         )
 
     def versions(self, project: str) -> list[dict[str, Any]]:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
-from functools import lru_cache
 
-from .candidates import Candidate, sort_candidates
 from .reward_scoring import RewardModel
 
 
@@ -26,19 +24,26 @@ class RewardScorer:
             return self.model.score(texts)
 
 
-@lru_cache(maxsize=8)
+_loaded: dict[str, RewardScorer] = {}
+_load_lock = threading.Lock()
+MAX_LOADED = 8
+
+
 def load_scorer(path: str) -> RewardScorer:
-    return RewardScorer(path)
-
-
-def rerank(candidates: list[Candidate], texts: list[str], scorer: RewardScorer, weight: float) -> list[Candidate]:
-    """Each candidate's score blended with the reward model's preference (`blend_scores`); re-sorted."""
-    if len(candidates) < 2:
-        return candidates
-    blended = blend_scores([c.score for c in candidates], scorer.score(texts), weight)
-    for candidate, score in zip(candidates, blended):
-        candidate.score = score
-    return sort_candidates(candidates)
+    """The reward model at `path`, loaded once per process. Concurrent first requests wait for the one load
+    (under a lock) instead of racing it: transformers' lazy imports fail when many threads trigger them at
+    once (`cannot import name 'AutoTokenizer'`), which made a whole batch answer 500 right after a promotion."""
+    scorer = _loaded.get(path)
+    if scorer is not None:
+        return scorer
+    with _load_lock:
+        scorer = _loaded.get(path)
+        if scorer is None:
+            scorer = RewardScorer(path)
+            while len(_loaded) >= MAX_LOADED:
+                _loaded.pop(next(iter(_loaded)))
+            _loaded[path] = scorer
+        return scorer
 
 
 def blend_scores(scores: list[float], rewards: list[float], weight: float) -> list[float]:

@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     textarea_max_chars: int = Field(400, ge=1)
     max_entities: int = Field(16, ge=1)
     rm_weight: float = Field(0.8, ge=0.0, le=1.0)  # share of the reward model in the reranked score
+    calibration: str = Field("batch", pattern="^(batch|none)$")  # closed sets on the untrained model (backend/calibration.py)
     predict_concurrency: int = Field(16, ge=1)  # tasks of one /predict sent to the engine at once
     prelabel_concurrency: int = Field(64, ge=1)  # `dataengine prelabel`: tasks in flight to the engine at once
     prelabel_batch_size: int = Field(100, ge=1, le=1000)  # `dataengine prelabel`: predictions per bulk upload

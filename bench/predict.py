@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from backend.engine_client import EngineClient  # noqa: E402
 from backend.label_config import compile_label_config  # noqa: E402
-from backend.prompts import LETTERS, build_choice_messages, build_messages  # noqa: E402
+from backend.prompts import build_choice_messages, build_messages, option_answer  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from bench.common import sample_texts, start_engine  # noqa: E402
 from tests.conftest import run_backend  # noqa: E402
@@ -68,7 +68,8 @@ def via_engine(engine: EngineClient, xml: str, tasks: list[dict], candidates: in
         texts = config.read_task(task, settings.max_text_chars)
         if control is not None:
             labels = [control.describe_option(o) for o in control.options()]
-            return engine.score_letters(build_choice_messages(config, texts, control, labels), list(LETTERS[: len(labels)]))
+            answers = [option_answer(o) for o in control.options()]
+            return engine.score_options(build_choice_messages(config, texts, control, labels), answers)
         return engine.sample(build_messages(config, texts), config.schema(texts), n=candidates, temperature=1.0,
                              max_tokens=min(settings.max_new_tokens, config.max_answer_chars(texts) + 8))
 

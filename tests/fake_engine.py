@@ -1,6 +1,6 @@
 """A stand-in for the vLLM OpenAI server on a real local HTTP port, for tests that check what the backend
 sends (replica fan-out, metrics) without the engine. It answers only what those tests use:
-/health, /v1/load_lora_adapter, and single-letter option scoring on /v1/chat/completions."""
+/health, /v1/load_lora_adapter, and option scoring on /v1/chat/completions (each option one token)."""
 from __future__ import annotations
 
 import json
@@ -38,11 +38,11 @@ class FakeEngine:
             self.already_loaded.add(body.get("lora_name"))
             return 200, "Success: LoRA adapter loaded"
         if path == "/v1/chat/completions":
-            letters = (body.get("structured_outputs") or {}).get("choice") or ["A"]
-            # Earlier letters more likely: option A ranks first, deterministically.
-            top = [{"token": letter, "logprob": -1.0 - i} for i, letter in enumerate(letters)]
-            content = [{"token": letters[0], "logprob": -1.0, "top_logprobs": top}]
-            choice = {"message": {"content": letters[0]}, "logprobs": {"content": content}, "finish_reason": "stop"}
+            options = (body.get("structured_outputs") or {}).get("choice") or ["A"]
+            # Earlier options more likely: the first ranks first, deterministically.
+            top = [{"token": option, "logprob": -1.0 - i} for i, option in enumerate(options)]
+            content = [{"token": options[0], "logprob": -1.0, "top_logprobs": top}]
+            choice = {"message": {"content": options[0]}, "logprobs": {"content": content}, "finish_reason": "stop"}
             return 200, {"choices": [choice]}
         return 404, {"error": f"no route {path}"}
 

@@ -297,7 +297,7 @@ def test_adapters_are_loaded_on_every_engine_replica(tmp_path):
             assert first.requests[0][1] == {"lora_name": "v1", "lora_path": str(adapter)}
             assert client.health() == {first.url: True, second.url: True}
             for _ in range(4):
-                client.score_letters([{"role": "user", "content": "x"}], ["A", "B"], model="v1")
+                client.score_options([{"role": "user", "content": "x"}], ["A", "B"], model="v1")
             assert first.paths().count("/v1/chat/completions") == 2 == second.paths().count("/v1/chat/completions")
         finally:
             client.close()

@@ -282,14 +282,14 @@ class ScoringEngine:
     def __init__(self, delay: float = 0.0):
         self.delay, self.in_flight, self._lock = delay, 0, threading.Lock()
 
-    def score_letters(self, messages, letters, *, model=None):
+    def score_options(self, messages, options, *, model=None):
         with self._lock:
             self.in_flight += 1
         try:
             if "FAIL" in str(messages):
                 raise EngineUnavailable("the engine is gone")
             time.sleep(self.delay)
-            return [-1.0 - i for i in range(len(letters))]
+            return [-1.0 - i for i in range(len(options))]
         finally:
             with self._lock:
                 self.in_flight -= 1

@@ -230,6 +230,7 @@ class Prelabeler:
         request = PredictRequest(
             config=plan.config, tasks=[task], version=plan.version, candidates=plan.candidates,
             temperature=plan.temperature, instructions=plan.instructions, label_studio=self.access,
+            project=plan.summary.project,
         )
         outcome = self.predictor.predict_each(request)
         if outcome.failures:
