@@ -1,14 +1,23 @@
-"""Learning curve: top-1 accuracy of the SERVED ranking on held-out tasks versus the number of human
-choices, on ../shared/data/sentiment (UCI Sentiment Labelled Sentences, Kotzias et al., KDD 2015).
+"""Learning curves on the real model: how the served ranking, the policy alone and the reward model alone
+improve with the number of human choices, on real data.
 
-Simulated annotators see the backend's candidates and pick the one matching the gold label. Each round
-runs the real training-round code the RQ job runs (snapshot -> reward model -> evaluation gate ->
-promotion, `training.rounds.learn`) with the real engine. Held-out: the 20% of reviews the task-hash split
-holds out (never trained on); their gold labels are what the gate and this curve score against.
-Prints JSON (accuracy and wall time per round, the base model's accuracy as the baseline measured in the
-same run) and writes a PNG.
+* sentiment: ../shared/data/sentiment (UCI Sentiment Labelled Sentences, Kotzias et al., KDD 2015), a
+  Positive/Negative config. Simulated annotators pick the candidate matching the gold label.
+* ner: ../shared/data/conll2003/valid.txt (CoNLL-2003 English NER, validation split), the shipped
+  `label_config/ner.xml`. Simulated annotators correct the served model's pre-annotation to the gold spans
+  (Label Studio keeps that prediction on the task: it is the rejected side of the round's pairs).
 
-    .venv/bin/python bench/learning_curve.py [--choices 25,50,100,200,400] [--out bench/results]
+Each round runs the real training-round code the RQ job runs (`training.rounds.learn`: snapshot -> reward
+model -> policy SFT on the served model (SmolLM2-135M-Instruct by default) -> evaluation gate -> promotion)
+with the real vLLM engine; the engine hot-loads each promoted adapter. Held-out: the tasks the task-hash
+split holds out (never trained on). After each round the served version is scored on them: top-1 (NER:
+span F1) as served, of the policy alone (reward model off), of the reward model alone, and the confidence
+AUROC of the top candidate's score (does the score tell a right top-1 from a wrong one). Choices 0 is the
+untrained model (calibrated, no training). Prints JSON and writes JSON + PNG to --out.
+
+    .venv/bin/python bench/learning_curve.py                       # sentiment and NER at 0, 100, 400 choices
+    .venv/bin/python bench/learning_curve.py --task sentiment --choices 0,100,400 --seed 1
+    .venv/bin/python bench/learning_curve.py --model models/tiny --model-name tiny   # plumbing only
 """
 from __future__ import annotations
 
@@ -18,133 +27,271 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from backend.label_config import compile_label_config  # noqa: E402
 from backend.registry import VersionReader  # noqa: E402
-from backend.settings import Settings  # noqa: E402
+from backend.settings import EMBEDDED_MODEL, Settings  # noqa: E402
 from bench.common import start_engine  # noqa: E402
-from training.evaluate import EvalTask, evaluate, is_heldout  # noqa: E402
+from training.evaluate import EvalTask, is_heldout, rank_heldout, score_ranking  # noqa: E402
 from training.export import ProjectExport  # noqa: E402
 from training.preferences import derive  # noqa: E402
-from training.report import plot_learning_curve  # noqa: E402
 from training.rounds import RoundInputs, learn  # noqa: E402
 from training.snapshot import write_snapshot  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data" / "sentiment"
-LABELS = ("Positive", "Negative")  # the data is binary
-CONFIG = (
+DATA = REPO.parent / "shared" / "data"
+SENTIMENT_LABELS = ("Positive", "Negative")  # the data is binary
+SENTIMENT_CONFIG = (
     '<View><Text name="text" value="$text"/><Choices name="sentiment" toName="text">'
-    + "".join(f'<Choice value="{label}"/>' for label in LABELS)
+    + "".join(f'<Choice value="{label}"/>' for label in SENTIMENT_LABELS)
     + "</Choices></View>"
 )
-PROJECT = "1001"
+NER_CONFIG = (REPO / "label_config" / "ner.xml").read_text()
+TARGETS = {
+    "sentiment": {"policy_top1": {"100": 0.92, "400": 0.93}, "served_top1": {"100": 0.93, "400": 0.94},
+                  "confidence_auroc": {"400": 0.90}, "round_seconds": {"400": 900}, "base_top1": 0.60},
+    "ner": {"policy_span_f1": {"400": 0.45}},
+}
 
 
-def load_reviews(seed: int) -> list[dict]:
-    if not DATA.exists():
-        sys.exit(f"needs the sentiment data in {DATA}")
+@dataclass
+class Dataset:
+    name: str
+    config: str
+    tasks: list[dict]  # {"id", "data", "gold": result}
+    annotate: Callable[[dict, list[dict]], dict]  # (task, served predictions) -> Label Studio export of the task
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+
+def sentiment(seed: int) -> Dataset:
+    path = DATA / "sentiment"
+    if not path.exists():
+        sys.exit(f"needs the sentiment data in {path}")
     rows = []
-    for path in sorted(DATA.glob("*_labelled.txt")):
-        for line in path.read_text(errors="replace").splitlines():
+    for file in sorted(path.glob("*_labelled.txt")):
+        for line in file.read_text(errors="replace").splitlines():
             text, _, label = line.rpartition("\t")
             if text.strip() and label.strip() in ("0", "1"):
-                rows.append({"text": text.strip(), "gold": LABELS[0] if label.strip() == "1" else LABELS[1]})
+                rows.append((text.strip(), SENTIMENT_LABELS[0] if label.strip() == "1" else SENTIMENT_LABELS[1]))
     random.Random(seed).shuffle(rows)
-    return [{"id": i, **row} for i, row in enumerate(rows, start=1)]
+    tasks = [{"id": i, "data": {"text": text}, "gold": choice(gold)} for i, (text, gold) in enumerate(rows, start=1)]
+    return Dataset("sentiment", SENTIMENT_CONFIG, tasks, pick_or_correct)
 
 
-def region(label: str) -> list[dict]:
+def choice(label: str) -> list[dict]:
     return [{"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]
 
 
-def annotated(review: dict) -> dict:
-    """The Label Studio export of a task whose annotator picked the candidate matching gold."""
-    predictions = [{"id": 10 * review["id"] + k, "result": region(label), "score": 0.5} for k, label in enumerate(LABELS)]
-    picked = next(p for p in predictions if p["result"][0]["value"]["choices"] == [review["gold"]])
-    annotation = {"id": review["id"], "result": region(review["gold"]), "was_cancelled": False,
-                  "completed_by": 1, "parent_prediction": picked["id"]}
-    return {"id": review["id"], "data": {"text": review["text"]}, "annotations": [annotation], "predictions": predictions}
+def conll(seed: int) -> Dataset:
+    path = DATA / "conll2003" / "valid.txt"
+    if not path.exists():
+        sys.exit(f"needs the CoNLL-2003 data in {path}")
+    sentences, current = [], []
+    for line in path.read_text(errors="replace").splitlines() + [""]:
+        if not line.strip() or line.startswith("-DOCSTART-"):
+            if len(current) >= 4:
+                sentences.append(current)
+            current = []
+        else:
+            parts = line.split()
+            current.append((parts[0], parts[-1]))
+    tasks = [{"id": i, "data": {"text": " ".join(t for t, _ in s)}, "gold": spans(s)} for i, s in enumerate(sentences, start=1)]
+    random.Random(seed).shuffle(tasks)
+    return Dataset("ner", NER_CONFIG, tasks, pick_or_correct)
+
+
+def spans(tokens: list[tuple[str, str]]) -> list[dict]:
+    """IOB tags -> Label Studio span regions over the space-joined sentence."""
+    regions, offset, open_span = [], 0, None
+    text = " ".join(t for t, _ in tokens)
+    for token, tag in tokens:
+        start, end = offset, offset + len(token)
+        offset = end + 1
+        if tag.startswith("B-") or (tag.startswith("I-") and (open_span is None or open_span[2] != tag[2:])):
+            open_span = [start, end, tag[2:]]
+            regions.append(open_span)
+        elif tag.startswith("I-"):
+            open_span[1] = end
+        else:
+            open_span = None
+    return [{"from_name": "label", "to_name": "text", "type": "labels",
+             "value": {"start": s, "end": e, "text": text[s:e], "labels": [label]}} for s, e, label in regions]
+
+
+def pick_or_correct(task: dict, served: list[dict]) -> dict:
+    """The export of a task whose annotator started from the served candidate closest to gold (the one that
+    equals it, else the top one) and submitted gold."""
+    predictions = [{"id": 100 * task["id"] + k, "result": p["result"], "score": p.get("score", 0.5)} for k, p in enumerate(served)]
+    from backend.candidates import canonical_key
+
+    same = [p for p in predictions if canonical_key(p["result"]) == canonical_key(task["gold"])]
+    parent = (same or predictions or [{"id": None}])[0]["id"]
+    annotation = {"id": task["id"], "result": task["gold"], "was_cancelled": False, "completed_by": 1, "parent_prediction": parent}
+    return {"id": task["id"], "data": task["data"], "annotations": [annotation], "predictions": predictions}
+
+
+# --- one curve -----------------------------------------------------------------------------------------
+
+
+def run_curve(dataset: Dataset, choices: list[int], settings: Settings, max_heldout: int, project: str) -> dict[str, Any]:
+    config = compile_label_config(dataset.config, settings=settings)
+    heldout = [t for t in dataset.tasks if is_heldout(t["id"])][:max_heldout]
+    pool = [t for t in dataset.tasks if not is_heldout(t["id"])]
+    eval_tasks = [EvalTask({"id": t["id"], "data": t["data"]}, t["gold"]) for t in heldout]
+    reader = VersionReader(settings.projects_dir, settings.model_name)
+    exported_tasks: dict[int, dict] = {}  # what Label Studio would export: each task annotated once, when its turn came
+    points = []
+    for count in choices:
+        started = time.monotonic()
+        outcome: dict[str, Any] = {}
+        if count:
+            new = [t for t in pool[:count] + heldout if t["id"] not in exported_tasks]
+            served = predictions_of(settings, dataset.config, reader.current(project), new)
+            exported_tasks.update({t["id"]: dataset.annotate(t, p) for t, p in zip(new, served)})
+            tasks = [exported_tasks[t["id"]] for t in pool[:count] + heldout]
+            derived = derive(tasks, dataset.config)
+            snapshot = write_snapshot(settings.projects_dir / project, derived, {"source": "bench"})
+            exported = ProjectExport(project, dataset.config, "", tasks)
+            outcome = learn(RoundInputs(project, exported, derived, snapshot), settings, _progress)
+        round_seconds = round(time.monotonic() - started, 1)
+        version = reader.current(project)
+        ranking = rank_heldout(settings, config, version, eval_tasks)
+        point = {
+            "choices": count,
+            "version": version.name,
+            "promoted": outcome.get("promoted"),
+            "gate": outcome.get("reason"),
+            "gate_test": (outcome.get("evaluation") or {}).get("test"),
+            "served": score_ranking(ranking).as_dict(),
+            "policy_only": score_ranking(ranking, 0.0).as_dict(),
+            "rm_only": score_ranking(ranking, 1.0).as_dict() if ranking.has_rewards else None,
+            "round_seconds": round_seconds if count else None,
+            "round_heldout": outcome.get("heldout"),
+            "policy_training": _policy_metrics(settings, project, outcome.get("version")),
+        }
+        points.append(point)
+        print(json.dumps(_summary(point)), file=sys.stderr, flush=True)
+    return {"task": dataset.name, "heldout_tasks": len(eval_tasks), "points": points,
+            "summary": [_summary(p) for p in points], "targets": TARGETS.get(dataset.name)}
+
+
+def predictions_of(settings: Settings, xml: str, version, tasks: list[dict]) -> list[list[dict]]:
+    """What the served version pre-annotates for these tasks (the candidates the annotators see)."""
+    from backend.engine_client import EngineClient
+    from backend.predictor import PredictRequest, Predictor
+
+    if not tasks:
+        return []
+    engine = EngineClient.from_settings(settings)
+    predictor = Predictor(settings, engine)
+    try:
+        request = PredictRequest(compile_label_config(xml, settings=settings), [{"id": t["id"], "data": t["data"]} for t in tasks],
+                                 version, settings.candidates, settings.temperature, project="bench")
+        return predictor.predict_each(request).predictions
+    finally:
+        predictor.close()
+        engine.close()
+
+
+def _policy_metrics(settings: Settings, project: str, version: str | None) -> dict | None:
+    if not version:
+        return None
+    record = json.loads((settings.projects_dir / project / "versions" / version / "version.json").read_text())
+    policy = record["metrics"].get("policy") or {}
+    return {k: policy.get(k) for k in ("algo", "why", "seconds", "steps", "sft_examples", "skipped") if k in policy}
+
+
+def _summary(point: dict) -> dict:
+    metric = "span_f1" if point["served"].get("span_f1") is not None else "top1"
+    pick = lambda e: None if e is None else e.get(metric)  # noqa: E731
+    return {"choices": point["choices"], f"served_{metric}": pick(point["served"]),
+            f"policy_{metric}": pick(point["policy_only"]), f"rm_only_{metric}": pick(point["rm_only"]),
+            "confidence_auroc": point["served"].get("confidence_auroc"), "round_seconds": point["round_seconds"],
+            "promoted": point["promoted"]}
+
+
+def _progress(stage: str, **detail) -> None:
+    if stage in ("reward_model", "policy") and detail.get("step") is None and detail.get("phase") is None:
+        print(f"  {stage} {detail}", file=sys.stderr, flush=True)
+    elif stage in ("evaluate", "promoted", "rejected", "skipped"):
+        print(f"  {stage} {detail}", file=sys.stderr, flush=True)
+
+
+def plot(curves: list[dict], png: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(6.0 * len(curves), 4.0), dpi=120, squeeze=False)
+    for ax, curve in zip(axes[0], curves):
+        rows = curve["summary"]
+        metric = "span_f1" if any(f"served_span_f1" in r for r in rows) else "top1"
+        xs = list(range(len(rows)))
+        for key, label, style in ((f"served_{metric}", "served (blend)", "o-"), (f"policy_{metric}", "policy alone", "x--"),
+                                  (f"rm_only_{metric}", "reward model alone", "s:")):
+            ys = [r.get(key) for r in rows]
+            ax.plot([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None], style, label=label)
+        ax.set_xticks(xs, [str(r["choices"]) for r in rows])
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("human choices")
+        ax.set_ylabel(f"{metric} on held-out tasks")
+        ax.set_title(f"{curve['task']} ({curve['heldout_tasks']} held-out tasks)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--choices", default="25,50,100,200,400")
+    parser.add_argument("--task", choices=("sentiment", "ner", "both"), default="both")
+    parser.add_argument("--choices", default="0,100,400")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", help=f"model directory (default: the embedded {EMBEDDED_MODEL})")
+    parser.add_argument("--model-name", help="its served name (default: the directory's name)")
     parser.add_argument("--engine-url", help="a running engine serving --model as --model-name")
-    parser.add_argument("--model", help="policy model directory (default: a tiny random model)")
-    parser.add_argument("--model-name", default="tiny")
     parser.add_argument("--max-heldout", type=int, default=400, help="cap on held-out tasks scored per round")
+    parser.add_argument("--ner-max-heldout", type=int, default=200)
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = parser.parse_args()
 
+    model = args.model or str(Settings().embedded_model_dir)
+    if not args.model:
+        from training.embedded_model import materialize
+
+        materialize(Path(model))
+    name = args.model_name or Path(model).name
     workdir = Path(tempfile.mkdtemp(prefix="dataengine-curve-"))
-    engine = start_engine(workdir, engine_url=args.engine_url, model=args.model, model_name=args.model_name)
-    settings = Settings(model=engine.model or "tiny", served_model_name=args.model_name, engine_url=engine.url,
-                        model_dir=workdir / "model_dir", eval_min_tasks=1, min_pairs=1, policy_algo="none")
-    reviews = load_reviews(args.seed)
-    heldout = [r for r in reviews if is_heldout(r["id"])][: args.max_heldout]
-    pool = [r for r in reviews if not is_heldout(r["id"])]
-    config = compile_label_config(CONFIG, settings=settings)
-    eval_tasks = [EvalTask({"id": r["id"], "data": {"text": r["text"]}}, region(r["gold"])) for r in heldout]
-    reader = VersionReader(settings.projects_dir, settings.model_name)
+    engine = start_engine(workdir, engine_url=args.engine_url, model=model, model_name=name)
+    settings = Settings(model=model, served_model_name=name, engine_url=engine.url, model_dir=workdir / "model_dir",
+                        eval_min_tasks=1, min_pairs=1)
+    choices = [int(c) for c in args.choices.split(",")]
+    curves = []
     try:
-        baseline = evaluate(settings, config, reader.current(PROJECT), eval_tasks).top1
-        points = []
-        for choices in [int(c) for c in args.choices.split(",")]:
-            started = time.monotonic()
-            tasks = [annotated(r) for r in pool[:choices] + heldout]
-            derived = derive(tasks, CONFIG)
-            snapshot = write_snapshot(settings.projects_dir / PROJECT, derived, {"source": "bench"})
-            exported = ProjectExport(PROJECT, CONFIG, "", tasks)
-            outcome = learn(RoundInputs(PROJECT, exported, derived, snapshot), settings, lambda stage, **kw: None)
-            served = evaluate(settings, config, reader.current(PROJECT), eval_tasks)
-            candidate = (outcome.get("evaluation") or {}).get("candidate", {})
-            points.append({
-                "choices": choices,
-                "served_top1": served.top1,
-                "candidate_top1": candidate.get("top1", served.top1),
-                "promoted": outcome.get("promoted", False),
-                "version": reader.current(PROJECT).name,
-                "rm_heldout_pair_accuracy": _rm_accuracy(settings, outcome),
-                "rm_only_top1": _rm_only_top1(outcome, reader.current(PROJECT), derived),
-                "round_seconds": round(time.monotonic() - started, 1),
-            })
-            print(json.dumps(points[-1]), file=sys.stderr, flush=True)
+        if args.task in ("sentiment", "both"):
+            curves.append(run_curve(sentiment(args.seed), choices, settings, args.max_heldout, "1001"))
+        if args.task in ("ner", "both"):
+            curves.append(run_curve(conll(args.seed), choices, settings, args.ner_max_heldout, "1002"))
     finally:
         engine.stop()
     out = Path(args.out)
-    png = plot_learning_curve(points, out / "learning_curve.png", "sentiment: served top-1 vs human choices", baseline)
-    report = {"heldout_tasks": len(eval_tasks), "baseline_top1": baseline, "points": points,
-              "targets": {"100": 0.85, "400": 0.90}, "png": str(png), "seed": args.seed}
+    png = plot(curves, out / "learning_curve.png")
+    report = {"model": name, "seed": args.seed, "curves": curves, "png": str(png)}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "learning_curve.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-
-
-def _rm_only_top1(outcome: dict, version, derived) -> float | None:
-    """Top-1 on the held-out tasks when the reward model alone ranks the two labels (no blend with the
-    policy's own scores): one pair per held-out task here, so its pairwise accuracy is that top-1."""
-    if not outcome.get("promoted") or not version.reward_model_path:
-        return None
-    from backend.reward_scoring import RewardModel
-    from training.reward_model import default_render, pairwise_accuracy
-
-    pairs = [p for p in derived.pairs if is_heldout(p.task_id)]
-    scorer = RewardModel.load(version.reward_model_path)
-    rendered = [default_render(p) for p in pairs]
-    accuracy = pairwise_accuracy(scorer.score([c for c, _ in rendered]), scorer.score([r for _, r in rendered]))
-    return None if accuracy is None else round(accuracy, 4)
-
-
-def _rm_accuracy(settings: Settings, outcome: dict) -> float | None:
-    version = outcome.get("version")
-    if not version:
-        return None
-    record = json.loads((settings.projects_dir / PROJECT / "versions" / version / "version.json").read_text())
-    return record["metrics"]["reward_model"].get("pairwise_accuracy_heldout")
+    print(json.dumps({"model": name, "seed": args.seed, "curves": [{"task": c["task"], "summary": c["summary"],
+                                                                     "targets": c["targets"]} for c in curves]}, indent=2))
 
 
 if __name__ == "__main__":

@@ -76,15 +76,20 @@ def _label_share(completion: str) -> float:
 # --- small, no training ----------------------------------------------------------------------------
 
 
-def test_algo_comes_from_the_environment(monkeypatch):
-    monkeypatch.delenv("DATAENGINE_POLICY_ALGO", raising=False)
-    assert resolve_algo(None) == "grpo"
-    monkeypatch.setenv("DATAENGINE_POLICY_ALGO", "RLOO")
-    assert resolve_algo(None) == "rloo"
-    assert resolve_algo("dpo") == "dpo"  # an explicit argument wins
-    monkeypatch.setenv("DATAENGINE_POLICY_ALGO", "ppo")
-    with pytest.raises(PolicyTrainingError, match="grpo, rloo, dpo"):
-        resolve_algo(None)
+def test_algo_names():
+    assert resolve_algo(None) == "sft"
+    assert resolve_algo("RLOO") == "rloo"
+    with pytest.raises(PolicyTrainingError, match="sft, dpo, grpo, rloo"):
+        resolve_algo("ppo")
+
+
+def test_sft_length_follows_the_data():
+    settings = PolicySettings()  # 3 epochs of small sets, >= 480 examples seen, <= 960
+    assert settings.sft_steps_for(100) == 300 // 8 + 1
+    assert settings.sft_steps_for(300) == 480 // 8
+    assert settings.sft_steps_for(600) == 600 // 8
+    assert settings.sft_steps_for(5000) == 960 // 8
+    assert PolicySettings(sft_steps=7).sft_steps_for(5000) == 7
 
 
 def test_prompt_text_drops_the_system_prompt(config):
@@ -104,7 +109,7 @@ def test_validity_from_config(config):
 
 def test_rejects_rank_the_engine_cannot_load(tmp_path, config):
     with pytest.raises(PolicyTrainingError, match="rank"):
-        train_policy("unused", tmp_path, sft=_sft(config, _reviews(0, 2)), settings=PolicySettings(lora_r=16))
+        train_policy("unused", tmp_path, sft=_sft(config, _reviews(0, 2)), settings=PolicySettings(lora_r=32))
 
 
 def test_rl_without_a_reward_is_an_error(tiny_model_dir, tmp_path, config):
@@ -213,15 +218,14 @@ def _served_model_dir(engine_url: str, fallback: Path) -> Path:
 
 @pytest.mark.engine
 def test_trained_adapter_hot_swaps_into_the_engine(engine_url, tiny_model_dir, tmp_path, config):
-    """SFT a LoRA on "Negative" answers (the letter B on the option-scoring prompt, the JSON answer on the
+    """SFT a LoRA on "Negative" answers (the option itself on the option-scoring prompt, the JSON answer on the
     sampling prompt), load it at runtime, and show greedy outputs under the adapter differ from the base
     model's for the same prompts. Never send prompt log-probabilities: they crash vLLM's CPU LoRA path."""
     control = config.controls[0]
     options = list(control.labels)
-    letter = "ABC"[options.index(TARGET_LABEL)]
     train = _reviews(0, 8)
     sft = [
-        SftExample(i, build_choice_messages(config, {"text": text}, control, options), letter, [], 1.0)
+        SftExample(i, build_choice_messages(config, {"text": text}, control, options), TARGET_LABEL, [], 1.0)
         for i, (text, _) in enumerate(train)
     ] + _sft(config, train, completion=_answer(TARGET_LABEL))
     settings = PolicySettings(sft_steps=24, sft_learning_rate=5e-3, sft_batch_size=4, rl_steps=0, seed=0,
@@ -245,7 +249,7 @@ def test_trained_adapter_hot_swaps_into_the_engine(engine_url, tiny_model_dir, t
             row = {"text": text}
             for tag, model in (("base", TINY_NAME), ("lora", name)):
                 row[f"{tag}_free"] = _greedy(engine_url, model, choice_messages)
-                row[f"{tag}_scores"] = client.score_letters(choice_messages, list("ABC"), model=model)
+                row[f"{tag}_scores"] = client.score_options(choice_messages, options, model=model)
                 samples = client.sample(
                     json_messages, config.schema(texts), n=1, temperature=0.0,
                     max_tokens=config.max_answer_chars(texts) + 8, model=model,

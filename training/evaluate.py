@@ -1,22 +1,35 @@
 """Evaluation gate: score the current and the candidate version on held-out human-labelled tasks through
-the same Predictor that serves /predict, and promote only if the candidate is not worse.
+the same Predictor that serves /predict, and promote unless the candidate is worse by more than noise.
 
 Metric: top-1 agreement (the first candidate equals the human result) for every config; span F1 of the
-top candidate as well when the config has span labels (NER). Ranking projects (<Ranker>/<Pairwise>), whose
-annotators order candidates rather than write an answer, are scored by pair accuracy instead: the share of
-held-out human preference pairs whose preferred candidate the version's reward model scores higher
+top candidate instead when the config has span labels (NER). Ranking projects (<Ranker>/<Pairwise>), whose
+annotators order candidates rather than write an answer, are scored by pair accuracy: the share of held-out
+human preference pairs whose preferred candidate the version's reward model scores higher
 (`evaluate_pairs`); a version without a reward model keeps the order it generated, which knows nothing of
 these pairs: chance, 0.5.
+
+One engine pass per version gives the policy's own ranking and the reward model's scores of the same
+candidates (`rank_heldout`), so the policy alone, the reward model alone and any blend of the two are
+scored on the same tasks without asking the engine again (`score_ranking`, `choose_rm_weight`). A task
+that cannot be predicted (a broken image, a text past the context) is skipped and counted, never fatal.
+
+The comparison is paired (`compare`): both versions on the same tasks, a bootstrap interval of the mean
+per-task difference, and for top-1 McNemar's exact test on the tasks where exactly one version is right.
+A candidate is rejected only when the whole interval lies below -DATAENGINE_PROMOTE_MARGIN: a version
+trained on more feedback is not thrown away because it lost a point to noise.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import bisect
+import math
+import random
+from dataclasses import dataclass, field
 from typing import Any
 
-from backend.candidates import canonical_key
+from backend.candidates import Candidate, canonical_key
 from backend.engine_client import EngineClient
 from backend.label_config import CompiledConfig
-from backend.predictor import PredictRequest, Predictor
+from backend.predictor import PredictRequest, Predictor, RankedTask, TaskFailure
 from backend.registry import ServingVersion
 from backend.settings import Settings
 
@@ -24,6 +37,9 @@ from .preferences import PreferencePair
 from .reward_model import default_render, heldout_unit, pairwise_accuracy
 
 HELDOUT_FRACTION = 0.2
+RM_WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # 0: the policy alone, 1: the reward model alone
+BOOTSTRAP_RESAMPLES = 2000
+CONFIDENCE = 0.95
 
 
 def is_heldout(task_id: Any, fraction: float = HELDOUT_FRACTION) -> bool:
@@ -44,6 +60,10 @@ class Evaluation:
     top1: float | None
     span_f1: float | None
     pair_accuracy: float | None = None  # ranking projects
+    failed: int = 0  # held-out tasks the version could not predict (skipped)
+    rm_weight: float | None = None  # the blend this was scored at (None: no reward model in play)
+    confidence_auroc: float | None = None  # does the top candidate's score tell right from wrong? (top-1 only)
+    per_task: dict[str, float] = field(default_factory=dict, repr=False)  # task -> its metric, for pairing
 
     @property
     def metric(self) -> str:
@@ -54,34 +74,89 @@ class Evaluation:
         return getattr(self, self.metric)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "metric": self.metric, "score": self.score}
+        fields = {k: v for k, v in self.__dict__.items() if k != "per_task"}
+        return {**fields, "metric": self.metric, "score": self.score}
+
+
+@dataclass(frozen=True)
+class HeldoutRanking:
+    """One version's ranked candidates for the held-out tasks (failures left out), in task order."""
+
+    version: str
+    tasks: list[EvalTask]
+    ranked: list[RankedTask]
+    failed: int
+    has_spans: bool
+    default_weight: float | None = None  # the blend the version serves
+
+    @property
+    def has_rewards(self) -> bool:
+        return any(r.rewards is not None for r in self.ranked)
+
+
+def rank_heldout(
+    settings: Settings, config: CompiledConfig, version: ServingVersion, tasks: list[EvalTask], instructions: str = "",
+    engine: EngineClient | None = None,
+) -> HeldoutRanking:
+    """The version's candidates (and reward-model scores) for every held-out task the engine can predict."""
+    has_spans = any(c.result_type == "labels" for c in config.controls)
+    weight = (version.rm_weight if version.rm_weight is not None else settings.rm_weight) if version.reward_model_path else None
+    if not tasks:
+        return HeldoutRanking(version.name, [], [], 0, has_spans, weight)
+    own_engine = engine is None
+    engine = engine or EngineClient.from_settings(settings)
+    predictor = Predictor(settings, engine)
+    try:
+        request = PredictRequest(
+            config=config, tasks=[t.task for t in tasks], version=version, candidates=settings.candidates,
+            temperature=settings.temperature, instructions=instructions, project=f"eval:{version.name}",
+        )
+        outcomes = predictor.rank_each(request)
+    finally:
+        predictor.close()
+        if own_engine:
+            engine.close()
+    kept = [(t, o) for t, o in zip(tasks, outcomes) if not isinstance(o, TaskFailure)]
+    return HeldoutRanking(
+        version.name, [t for t, _ in kept], [o for _, o in kept], len(tasks) - len(kept), has_spans, weight
+    )
+
+
+def score_ranking(ranking: HeldoutRanking, weight: float | None = None) -> Evaluation:
+    """Top-1 (and span F1) of the ranking served at reward-model share `weight` (default: the version's own)."""
+    weight = ranking.default_weight if weight is None else weight
+    served = [task.blended(weight or 0.0) for task in ranking.ranked]
+    tops = [_top(candidates) for candidates in served]
+    hits = {_task_key(t): float(canonical_key(top) == canonical_key(t.human_result)) for top, t in zip(tops, ranking.tasks)}
+    confidence = [candidates[0].score if candidates else 0.0 for candidates in served]
+    f1 = {_task_key(t): span_f1(top, t.human_result) for top, t in zip(tops, ranking.tasks)} if ranking.has_spans else None
+    count = len(ranking.tasks)
+    return Evaluation(
+        version=ranking.version,
+        tasks=count,
+        top1=round(_mean(hits.values()), 4) if count else 0.0,
+        span_f1=None if f1 is None else round(_mean(f1.values()), 4),
+        failed=ranking.failed,
+        rm_weight=weight if ranking.has_rewards else None,
+        confidence_auroc=None if f1 is not None else auroc(confidence, list(hits.values())),
+        per_task=f1 if f1 is not None else hits,
+    )
+
+
+def choose_rm_weight(ranking: HeldoutRanking, grid: tuple[float, ...] = RM_WEIGHT_GRID) -> tuple[float, dict[str, float]]:
+    """The reward model's share that serves the held-out tasks best, and the score at every share tried.
+    The grid includes 0 (policy alone) and 1 (reward model alone), so the chosen blend is never worse than
+    either on these tasks. Ties go to the smaller share (less reliance on the reward model)."""
+    scores = {weight: score_ranking(ranking, weight).score for weight in grid}
+    best = max(grid, key=lambda w: (scores[w], -w))
+    return best, {f"{weight:g}": score for weight, score in scores.items()}
 
 
 def evaluate(
     settings: Settings, config: CompiledConfig, version: ServingVersion, tasks: list[EvalTask], instructions: str = ""
 ) -> Evaluation:
-    if not tasks:
-        return Evaluation(version=version.name, tasks=0, top1=0.0, span_f1=None)
-    engine = EngineClient(_engine_url(settings), settings.model_name, settings.engine_request_timeout)
-    predictor = Predictor(settings, engine)
-    try:
-        request = PredictRequest(
-            config=config,
-            tasks=[t.task for t in tasks],
-            version=version,
-            candidates=settings.candidates,
-            temperature=settings.temperature,
-            instructions=instructions,
-        )
-        ranked = predictor.predict(request)
-    finally:
-        predictor.close()
-        engine.close()
-    tops = [predictions[0]["result"] if predictions else [] for predictions in ranked]
-    top1 = sum(canonical_key(top) == canonical_key(t.human_result) for top, t in zip(tops, tasks)) / len(tasks)
-    has_spans = any(c.result_type == "labels" for c in config.controls)
-    f1 = _mean([span_f1(top, t.human_result) for top, t in zip(tops, tasks)]) if has_spans else None
-    return Evaluation(version=version.name, tasks=len(tasks), top1=round(top1, 4), span_f1=None if f1 is None else round(f1, 4))
+    """The version as it is served (its own blend), on the held-out tasks."""
+    return score_ranking(rank_heldout(settings, config, version, tasks, instructions))
 
 
 def evaluate_pairs(version: ServingVersion, pairs: list[PreferencePair]) -> Evaluation:
@@ -89,13 +164,20 @@ def evaluate_pairs(version: ServingVersion, pairs: list[PreferencePair]) -> Eval
     reward model's own held-out metric is (same texts, same accuracy)."""
     tasks = len({pair.task_id for pair in pairs})
     if not pairs or not version.reward_model_path:
-        return Evaluation(version=version.name, tasks=tasks, top1=None, span_f1=None, pair_accuracy=0.5)
+        per_task = {str(pair.task_id): 0.5 for pair in pairs}
+        return Evaluation(version=version.name, tasks=tasks, top1=None, span_f1=None, pair_accuracy=0.5, per_task=per_task)
     from backend.reward_scoring import RewardModel
 
     model = RewardModel.load(version.reward_model_path)
     chosen_texts, rejected_texts = zip(*(default_render(pair) for pair in pairs))
-    agreed = pairwise_accuracy(model.score(chosen_texts), model.score(rejected_texts))
-    return Evaluation(version=version.name, tasks=tasks, top1=None, span_f1=None, pair_accuracy=round(agreed, 4))
+    chosen, rejected = model.score(chosen_texts), model.score(rejected_texts)
+    agreed = pairwise_accuracy(chosen, rejected)
+    by_task: dict[str, list[float]] = {}
+    for pair, good, bad in zip(pairs, chosen, rejected):
+        by_task.setdefault(str(pair.task_id), []).append(1.0 if good > bad else 0.5 if good == bad else 0.0)
+    per_task = {task: _mean(values) for task, values in by_task.items()}
+    return Evaluation(version=version.name, tasks=tasks, top1=None, span_f1=None, pair_accuracy=round(agreed, 4),
+                      per_task=per_task)
 
 
 def span_f1(predicted: list[dict[str, Any]], human: list[dict[str, Any]]) -> float:
@@ -116,19 +198,86 @@ def span_f1(predicted: list[dict[str, Any]], human: list[dict[str, Any]]) -> flo
     return 0.0 if hits == 0 else 2 * precision * recall / (precision + recall)
 
 
-def should_promote(candidate: Evaluation, current: Evaluation, margin: float, min_tasks: int) -> tuple[bool, str]:
-    if candidate.tasks < min_tasks:
-        return True, f"promoted unevaluated: {candidate.tasks} held-out tasks < {min_tasks} (DATAENGINE_EVAL_MIN_TASKS)"
-    if candidate.score + margin >= current.score:
-        return True, f"candidate {candidate.score:.3f} >= current {current.score:.3f} - margin {margin}"
-    return False, f"candidate {candidate.score:.3f} < current {current.score:.3f} - margin {margin}"
+# --- the paired comparison -------------------------------------------------------------------------
 
 
-def _engine_url(settings: Settings) -> str:
-    if not settings.engine_url:
-        raise RuntimeError("the worker needs DATAENGINE_ENGINE_URL to evaluate versions (`dataengine serve` passes it)")
-    return settings.engine_url
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    test: dict[str, Any]
 
 
-def _mean(values: list[float]) -> float:
+def compare(candidate: Evaluation, current: Evaluation, margin: float, min_tasks: int) -> Decision:
+    """Promote unless the candidate is worse than the current version beyond noise: on the tasks both could
+    predict, the upper end of the bootstrap interval of the mean difference lies below -margin."""
+    shared = sorted(set(candidate.per_task) & set(current.per_task))
+    if len(shared) < min_tasks:
+        return Decision(True, f"promoted unevaluated: {len(shared)} held-out tasks < {min_tasks} (DATAENGINE_EVAL_MIN_TASKS)",
+                        {"tasks": len(shared)})
+    diffs = [candidate.per_task[t] - current.per_task[t] for t in shared]
+    test = paired_test(diffs, binary=candidate.metric == "top1")
+    test["metric"] = candidate.metric
+    low, high = test["interval"]
+    summary = (f"{candidate.metric} {_mean([candidate.per_task[t] for t in shared]):.3f} vs "
+               f"{_mean([current.per_task[t] for t in shared]):.3f} on {len(shared)} tasks, difference "
+               f"{test['mean_difference']:+.3f} (95% interval {low:+.3f}..{high:+.3f})")
+    if high < -margin:
+        return Decision(False, f"worse beyond noise: {summary}", test)
+    verdict = "better beyond noise" if low > 0 else "not worse beyond noise"
+    return Decision(True, f"{verdict}: {summary}", test)
+
+
+def paired_test(diffs: list[float], *, binary: bool) -> dict[str, Any]:
+    """Percentile bootstrap interval of the mean per-task difference (fixed seed: the same data always gives
+    the same decision); for 0/1 scores also McNemar's exact two-sided p on the discordant tasks."""
+    rng = random.Random(0)
+    count = len(diffs)
+    means = sorted(sum(rng.choice(diffs) for _ in range(count)) / count for _ in range(BOOTSTRAP_RESAMPLES))
+    tail = (1 - CONFIDENCE) / 2
+    low, high = means[int(tail * BOOTSTRAP_RESAMPLES)], means[int((1 - tail) * BOOTSTRAP_RESAMPLES) - 1]
+    test: dict[str, Any] = {
+        "test": f"paired bootstrap, {BOOTSTRAP_RESAMPLES} resamples",
+        "tasks": count,
+        "mean_difference": round(_mean(diffs), 4),
+        "interval": [round(low, 4), round(high, 4)],
+        "confidence": CONFIDENCE,
+    }
+    if binary:
+        better, worse = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+        test.update(mcnemar_better=better, mcnemar_worse=worse, mcnemar_p=round(mcnemar_exact(better, worse), 4))
+    return test
+
+
+def mcnemar_exact(better: int, worse: int) -> float:
+    """Two-sided exact McNemar p-value: the binomial test of `better` successes in better + worse at 1/2."""
+    n = better + worse
+    if n == 0:
+        return 1.0
+    k = min(better, worse)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def auroc(scores: list[float], positives: list[float]) -> float | None:
+    """Probability that a random positive scores above a random negative (ties count half); None when one
+    class is missing."""
+    pos = sorted(s for s, y in zip(scores, positives) if y)
+    neg = sorted(s for s, y in zip(scores, positives) if not y)
+    if not pos or not neg:
+        return None
+    wins = sum(bisect.bisect_left(neg, s) + 0.5 * (bisect.bisect_right(neg, s) - bisect.bisect_left(neg, s)) for s in pos)
+    return round(wins / (len(pos) * len(neg)), 4)
+
+
+def _top(candidates: list[Candidate]) -> list[dict[str, Any]]:
+    return candidates[0].result if candidates else []
+
+
+def _task_key(task: EvalTask) -> str:
+    return str(task.task.get("id"))
+
+
+def _mean(values) -> float:
+    values = list(values)
     return sum(values) / len(values) if values else 0.0

@@ -1,15 +1,18 @@
 """Policy update: a LoRA adapter on the serving model, trained with TRL from the annotators' feedback.
 
-`train_policy(base_model, out_dir, sft=..., pairs=...)` runs, all on one peft LoRA adapter:
-  1. an optional SFT warm start (`SFTTrainer`) on the SFT examples (chat prompt + the accepted answer),
-  2. then one of
+`train_policy(base_model, out_dir, sft=..., pairs=..., algo=...)` runs, all on one peft LoRA adapter:
+  1. an SFT warm start (`SFTTrainer`) on the SFT examples (the prompt the model is served with + the answer
+     the annotators accepted or wrote); its length follows the data (`PolicySettings.sft_steps_for`),
+  2. then, by `algo`:
+     * "sft": nothing more;
+     * "dpo": `DPOTrainer` straight from the preference pairs (prompt / chosen / rejected);
      * "grpo" / "rloo": `GRPOTrainer` / `RLOOTrainer` on the distinct prompts of the pairs and SFT examples,
        with `reward_funcs=[reward model, validity]` (both optional callables, see below), generation on the
-       transformers path (`use_vllm=False`: vLLM lives in another venv, see DESIGN.md);
-     * "dpo": `DPOTrainer` straight from the preference pairs (prompt / chosen / rejected).
-Only the adapter is written to `out_dir` (`adapter_config.json` + `adapter_model.safetensors`), the format
-vLLM's `POST /v1/load_lora_adapter {"lora_name", "lora_path"}` loads at runtime; its rank stays <= 8 so an
-engine started with `--max-lora-rank 8` (or 16) accepts it.
+       transformers path (`use_vllm=False`: vLLM lives in another venv, see DESIGN.md).
+With `stage_dir`, the adapter after SFT is also saved there when a preference stage follows, so the gate can
+say what each stage changed. Only the adapter is written to `out_dir` (`adapter_config.json` +
+`adapter_model.safetensors`), the format vLLM's `POST /v1/load_lora_adapter {"lora_name", "lora_path"}` loads
+at runtime; its rank stays <= MAX_LORA_RANK, what the engine is started with (`--max-lora-rank 16`).
 
 Reward callables see plain text: `reward_fn(prompts, completions) -> list[float]` gets each prompt as
 `prompt_text(messages)` (the non-system messages' contents, blank-line separated: the task data and the
@@ -36,14 +39,12 @@ from .preferences import PreferencePair, SftExample
 
 log = logging.getLogger(__name__)
 
-ALGOS = ("grpo", "rloo", "dpo")
-ALGO_ENV = "DATAENGINE_POLICY_ALGO"
-DEFAULT_ALGO = "grpo"
-MAX_LORA_RANK = 8  # the engine is started with --max-lora-rank 8 or 16
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALGOS = ("sft", "dpo", "grpo", "rloo")
+MAX_LORA_RANK = 16  # the engine is started with --max-lora-rank DATAENGINE_MAX_LORA_RANK (default 16)
+LORA_TARGETS = "all-linear"  # attention and MLP projections
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
-Algo = Literal["grpo", "rloo", "dpo"]
+Algo = Literal["sft", "dpo", "grpo", "rloo"]
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 ValidityFn = Callable[[str, str], float]
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -58,13 +59,18 @@ class PolicySettings:
     """Small-data, CPU-friendly defaults; every field is a plain TRL/peft knob."""
 
     # LoRA
-    lora_r: int = 8
-    lora_alpha: int = 16
+    lora_r: int = 16
+    lora_alpha: int = 32
     lora_dropout: float = 0.0
-    # SFT warm start (skipped when sft_steps == 0 or there are no SFT examples)
-    sft_steps: int = 20
-    sft_learning_rate: float = 5e-4
-    sft_batch_size: int = 4
+    # SFT warm start (skipped when sft_steps == 0 or there are no SFT examples). None: from the data size
+    # (`sft_steps_for`): sft_epochs passes over small sets, at least sft_min_examples examples seen, at most
+    # sft_max_examples (which bounds a round's time on big projects)
+    sft_steps: int | None = None
+    sft_epochs: float = 3.0
+    sft_min_examples: int = 480
+    sft_max_examples: int = 960
+    sft_learning_rate: float = 2e-4
+    sft_batch_size: int = 8
     # RL (grpo / rloo)
     rl_steps: int = 20
     rl_learning_rate: float = 1e-4
@@ -86,6 +92,14 @@ class PolicySettings:
     bf16: bool = False  # fp32 is the safe CPU default
     logging_steps: int = 1
 
+    def sft_steps_for(self, examples: int) -> int:
+        """sft_epochs passes over a small set; at least sft_min_examples (or every example once) seen on a
+        bigger one; never more than sft_max_examples, which bounds a round on a big project."""
+        if self.sft_steps is not None:
+            return self.sft_steps
+        seen = min(max(min(self.sft_epochs * examples, self.sft_min_examples), examples), self.sft_max_examples)
+        return max(1, math.ceil(seen / self.sft_batch_size))
+
 
 @dataclass
 class PolicyResult:
@@ -94,9 +108,9 @@ class PolicyResult:
 
 
 def resolve_algo(algo: str | None) -> str:
-    value = (algo or os.environ.get(ALGO_ENV) or DEFAULT_ALGO).strip().lower()
+    value = (algo or "sft").strip().lower()
     if value not in ALGOS:
-        raise PolicyTrainingError(f"{ALGO_ENV}={value!r}: the policy algorithm must be one of {', '.join(ALGOS)}")
+        raise PolicyTrainingError(f"policy algorithm {value!r}: must be one of {', '.join(ALGOS)}")
     return value
 
 
@@ -114,8 +128,11 @@ def train_policy(
     validity_fn: ValidityFn | None = None,
     settings: PolicySettings | None = None,
     progress: ProgressFn | None = None,
+    stage_dir: Path | None = None,
+    heldout_pairs: Sequence[PreferencePair] = (),
 ) -> PolicyResult:
-    """Train a LoRA adapter on `base_model` (a local model directory or hub id) and save it to `out_dir`."""
+    """Train a LoRA adapter on `base_model` (a local model directory or hub id) and save it to `out_dir`;
+    with `stage_dir`, also the SFT-only adapter in `stage_dir/sft` when a preference stage follows."""
     import torch
 
     algo = resolve_algo(algo)
@@ -135,8 +152,10 @@ def train_policy(
     with tempfile.TemporaryDirectory(prefix="policy-") as scratch:
         scratch_dir = Path(scratch)
         sft_rows = _sft_rows(sft)
-        if sft_rows and settings.sft_steps > 0:
+        if sft_rows and settings.sft_steps_for(len(sft_rows)) > 0:
             metrics["sft"] = _run_sft(model, tokenizer, sft_rows, settings, scratch_dir / "sft", progress)
+            if stage_dir is not None and algo != "sft":
+                metrics["sft"]["adapter_path"] = str(save_adapter(model, Path(stage_dir) / "sft"))
         if algo == "dpo" and settings.dpo_steps > 0:
             rows = _dpo_rows(pairs)
             if not rows:
@@ -154,7 +173,9 @@ def train_policy(
         elif "sft" not in metrics:
             raise PolicyTrainingError("nothing to train: no SFT examples and no RL/DPO steps")
         else:
-            metrics["steps"] = metrics["sft"]["steps"]  # SFT only (rl_steps / dpo_steps = 0)
+            metrics["steps"] = metrics["sft"]["steps"]  # SFT only
+    if heldout_pairs:
+        metrics["heldout_pair_accuracy"] = implicit_reward_accuracy(model, tokenizer, heldout_pairs)
     adapter_path = save_adapter(model, out_dir)
     metrics["seconds"] = round(time.monotonic() - started, 2)
     (out_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
@@ -179,7 +200,7 @@ def _load(base_model: str, settings: PolicySettings):
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
-        target_modules=list(LORA_TARGETS),
+        target_modules=LORA_TARGETS,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -235,6 +256,53 @@ def save_adapter(model, out_dir: Path) -> Path:
     for name in ADAPTER_FILES:  # safetensors writes 0600; an engine running as another user must read it
         os.chmod(out_dir / name, 0o644)
     return out_dir
+
+
+MAX_SCORED_PAIRS = 200
+
+
+def implicit_reward_accuracy(model, tokenizer, pairs: Sequence[PreferencePair]) -> dict[str, Any]:
+    """How often the trained policy prefers the human's choice by DPO's implicit reward: its log-probability
+    gain over the base model (adapter off) is larger for the chosen completion than for the rejected one.
+    Measured on at most MAX_SCORED_PAIRS held-out pairs."""
+    import torch
+
+    scored = [p for p in pairs if p.prompt and p.chosen != p.rejected][:MAX_SCORED_PAIRS]
+    agreed = 0.0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for pair in scored:
+                gains = []
+                for completion in (pair.chosen, pair.rejected):
+                    tuned = _completion_logprob(model, tokenizer, pair.prompt, completion)
+                    with model.disable_adapter():
+                        base = _completion_logprob(model, tokenizer, pair.prompt, completion)
+                    gains.append(tuned - base)
+                agreed += 1.0 if gains[0] > gains[1] else 0.5 if gains[0] == gains[1] else 0.0
+    finally:
+        model.train(was_training)
+    return {"pairs": len(scored), "accuracy": round(agreed / len(scored), 4) if scored else None}
+
+
+def _completion_logprob(model, tokenizer, prompt: Sequence[dict[str, str]], completion: str) -> float:
+    import torch
+
+    prompt_ids = _chat_ids(tokenizer, list(prompt), add_generation_prompt=True)
+    full_ids = _chat_ids(tokenizer, [*prompt, {"role": "assistant", "content": completion}], add_generation_prompt=False)
+    ids = torch.tensor([full_ids], device=model.device)
+    logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    targets = ids[0, 1:]
+    start = len(prompt_ids) - 1
+    return float(logprobs[start:].gather(1, targets[start:, None]).sum())
+
+
+def _chat_ids(tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -320,7 +388,7 @@ def _run_sft(model, tokenizer, rows, settings: PolicySettings, output_dir: Path,
 
     args = SFTConfig(
         **_common_args(settings, output_dir),
-        max_steps=settings.sft_steps,
+        max_steps=settings.sft_steps_for(len(rows)),
         learning_rate=settings.sft_learning_rate,
         per_device_train_batch_size=min(settings.sft_batch_size, len(rows)),
         max_length=settings.max_length,
@@ -465,17 +533,25 @@ def _validity_callable(validity_fn: ValidityFn, tracker: _RewardTracker):
     return validity
 
 
-def validity_from_config(config, texts_by_prompt: dict[str, dict[str, str]]) -> ValidityFn:
-    """1.0 when `config.parse` accepts the completion for the prompt's task texts, else 0.0.
+def validity_from_config(config, texts_by_prompt: dict[str, dict[str, str]], *, enumerate_max: int = 0) -> ValidityFn:
+    """1.0 when the completion is an answer the config accepts for the prompt's task, else 0.0: one of the
+    options for a closed label set scored by option (`enumerate_max`, as served), else JSON that
+    `config.parse` accepts for the task's texts.
 
     `texts_by_prompt` maps `prompt_text(messages)` -> the task's texts (`CompiledConfig.read_task`).
     """
     from backend.label_config import InvalidAnswer
+    from backend.prompts import option_answer
+
+    control = config.enumerable_control(enumerate_max) if enumerate_max else None
+    options = {option_answer(o) for o in (control.options() or [])} if control is not None else set()
 
     def validity(prompt: str, completion: str) -> float:
         texts = texts_by_prompt.get(prompt)
         if texts is None:
             return 0.0
+        if control is not None:
+            return 1.0 if completion.strip() in options else 0.0
         try:
             config.parse(completion, texts)
         except (InvalidAnswer, KeyError, TypeError, ValueError):

@@ -33,6 +33,7 @@ class VersionRecord:
     adapter_name: str | None = None  # name in the engine: version + content hash, never reused for other weights
     reward_model_path: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    rm_weight: float | None = None  # the reward model's share in the served score, chosen by the gate
 
     def serving(self) -> ServingVersion:
         return ServingVersion(
@@ -40,6 +41,7 @@ class VersionRecord:
             adapter=self.adapter_name if self.adapter_path else None,
             adapter_path=self.adapter_path,
             reward_model_path=self.reward_model_path,
+            rm_weight=self.rm_weight,
         )
 
 
@@ -51,6 +53,11 @@ def _content_hash(directory: Path) -> str:
         digest.update(path.relative_to(directory).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:10]
+
+
+def adapter_name_for(name: str, directory: Path) -> str:
+    """The engine's name for an adapter: the version's name + a hash of the adapter's files."""
+    return f"{name}-{_content_hash(Path(directory))}"
 
 
 class Registry:
@@ -83,13 +90,17 @@ class Registry:
             created_at=time.time(),
             snapshot_hash=snapshot_hash,
             adapter_path=str(final / "adapter") if has_adapter else None,
-            adapter_name=f"{name}-{_content_hash(staged / 'adapter')}" if has_adapter else None,
+            adapter_name=adapter_name_for(name, staged / "adapter") if has_adapter else None,
             reward_model_path=str(final / "reward_model") if (staged / "reward_model").exists() else None,
             metrics=metrics,
         )
         atomic_write_json(staged / "version.json", asdict(record))
         staged.rename(final)
         return record
+
+    def update(self, record: VersionRecord) -> None:
+        """Rewrite a published version's record (what the gate learned about it: its blend, its evaluation)."""
+        atomic_write_json(self.root / VERSIONS_DIR / record.name / "version.json", asdict(record))
 
     def get(self, name: str) -> VersionRecord | None:
         data = read_version_record(self.root / VERSIONS_DIR / name)
@@ -111,6 +122,7 @@ class Registry:
                 "adapter": serving.adapter,
                 "adapter_path": serving.adapter_path,
                 "reward_model_path": serving.reward_model_path,
+                "rm_weight": serving.rm_weight,
                 "promoted_at": time.time(),
             },
         )

@@ -1,35 +1,57 @@
 """One learning step for a project, after its snapshot is written:
-reward model -> (optional) policy update -> evaluation gate -> promote or reject -> hot swap.
+reward model -> policy update -> evaluation gate -> promote or reject -> hot swap.
 
-Ranking projects (<Ranker>/<Pairwise>) train the reward model only: it reorders the candidates the next
-fills write (backend.ranking.CandidateFiller), and the gate compares reward models by pair accuracy on
-held-out rankings. The policy update needs an answer config's validity reward and held-out answers; for
-ranking projects it is skipped with a reason in the version's metrics.
+Answer projects (Choices, Labels, TextArea ...): the reward model learns the annotators' preferences, the
+policy (a LoRA adapter on the served model) is fine-tuned on the answers they accepted or wrote, in exactly
+the prompt format /predict uses (`backend.prompts.policy_turn`), then optionally a preference stage (DPO on
+the pairs, or GRPO/RLOO with the reward model and the config's validity as rewards). The gate scores on the
+held-out tasks: the current version as served, the policy after each stage on its own, the reward model
+alone, and blends of the two; the version serves the blend that did best (`rm_weight` in its record), and is
+promoted unless it is worse than the current version beyond noise (`training.evaluate.compare`).
+
+Ranking projects (<Ranker>/<Pairwise> over generated responses): the reward model learns the rankings and
+reorders the candidates the next fills write (backend.ranking.CandidateFiller); the policy is trained with
+DPO on the ranked responses (after an SFT warm start on each task's best one), so the responses themselves
+improve. The gate compares reward models by pair accuracy on held-out rankings; the policy's own pair
+accuracy on them (DPO's implicit reward) is recorded in the version's metrics.
 
 Everything a round produces is staged, then published as one registry version; the served version only
 changes through the registry's atomic promotion.
 """
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable
 
 from backend.engine_client import EngineClient
+from backend.errors import RequestError
 from backend.label_config import CompiledConfig, compile_label_config
-from backend.prompts import reward_text
-from backend.ranking import is_comparison_config
-from backend.registry import VersionReader
+from backend.prompts import PolicyTurn, answer_text, build_messages, option_answer, policy_turn, reward_text
+from backend.ranking import RankingConfig, compile_ranking_config, is_comparison_config
+from backend.registry import ServingVersion, VersionReader
 from backend.settings import Settings
 
-from .evaluate import EvalTask, Evaluation, evaluate, evaluate_pairs, is_heldout, should_promote
+from .evaluate import (
+    EvalTask, HeldoutRanking, choose_rm_weight, compare, evaluate_pairs, is_heldout, rank_heldout, score_ranking,
+)
 from .export import ProjectExport
-from .preferences import DerivedData
-from .registry import Registry, VersionRecord
+from .preferences import DerivedData, PreferencePair, SftExample
+from .registry import Registry, VersionRecord, adapter_name_for
 from .snapshot import SnapshotInfo
 
 log = logging.getLogger(__name__)
 Progress = Callable[..., None]
+
+# On CPU the policy is fine-tuned by default only for models up to this size: SmolLM2-135M's SFT on 400
+# choices takes about 4 minutes on 2 cores (bench/learning_curve.py); a 0.5B model would take about four
+# times that, past the 15-minute round budget. Bigger models train on GPU hosts, or with
+# DATAENGINE_POLICY_ALGO set explicitly.
+CPU_POLICY_MAX_PARAMS = 300_000_000
+STAGE_DIR = "stages"
 
 
 @dataclass(frozen=True)
@@ -40,6 +62,19 @@ class RoundInputs:
     snapshot: SnapshotInfo
 
 
+@dataclass(frozen=True)
+class ProjectKind:
+    """What the round learns: an answer config, or a ranking config (generation config inside)."""
+
+    answers: CompiledConfig | None
+    ranking: RankingConfig | None
+
+    @property
+    def generation(self) -> CompiledConfig:
+        """The config the policy generates with."""
+        return self.answers if self.answers is not None else self.ranking.answer
+
+
 def learn(inputs: RoundInputs, settings: Settings, progress: Progress) -> dict[str, Any]:
     registry = Registry(settings.projects_dir, inputs.project, settings.model_name)
     current = VersionReader(settings.projects_dir, settings.model_name).current(inputs.project)
@@ -47,10 +82,15 @@ def learn(inputs: RoundInputs, settings: Settings, progress: Progress) -> dict[s
     if skip:
         progress("skipped", reason=skip)
         return {"skipped": skip}
-    ranking = is_comparison_config(inputs.exported.label_config)
-    config = None if ranking else compile_label_config(inputs.exported.label_config, settings=settings)
-    record = _train_version(inputs, config, registry, current.name, settings, progress)
-    return _gate(inputs, config, registry, record, current, settings, progress)
+    kind = project_kind(inputs.exported.label_config, settings)
+    record = _train_version(inputs, kind, registry, current.name, settings, progress)
+    return _gate(inputs, kind, registry, record, current, settings, progress)
+
+
+def project_kind(xml: str, settings: Settings) -> ProjectKind:
+    if is_comparison_config(xml):
+        return ProjectKind(None, compile_ranking_config(xml, settings=settings))
+    return ProjectKind(compile_label_config(xml, settings=settings), None)
 
 
 def _reason_to_skip(inputs: RoundInputs, registry: Registry, current: str, settings: Settings) -> str | None:
@@ -62,10 +102,54 @@ def _reason_to_skip(inputs: RoundInputs, registry: Registry, current: str, setti
     return None
 
 
-POLICY_SKIPPED_FOR_RANKINGS = "ranking project: the reward model reorders its candidates; no policy update from rankings yet"
+# --- which policy update ---------------------------------------------------------------------------
 
 
-def _train_version(inputs, config: CompiledConfig | None, registry: Registry, parent: str, settings: Settings, progress) -> VersionRecord:
+def policy_plan(settings: Settings, kind: ProjectKind) -> tuple[str, str]:
+    """(algorithm, why): DATAENGINE_POLICY_ALGO, or for `auto` what this host can finish in a round."""
+    import torch
+
+    if kind.generation.image_objects:
+        return "none", "image configs: the policy update needs a vision-language trainer (not wired); the reward model reranks"
+    if kind.ranking is not None and kind.ranking.label_candidates:
+        return "none", "ranking project over label candidates: the reward model reorders them; no policy update"
+    if settings.policy_algo != "auto":
+        return settings.policy_algo, "DATAENGINE_POLICY_ALGO"
+    preference = "dpo" if kind.ranking is not None else "sft"  # rankings exist to be learned from as preferences
+    if torch.cuda.is_available():
+        return preference, "auto: GPU"
+    params = model_parameters(settings.model_path)
+    if params is None:
+        return "none", f"auto: the size of {settings.model} is unknown on this CPU host (set DATAENGINE_POLICY_ALGO)"
+    if params > CPU_POLICY_MAX_PARAMS:
+        return "none", f"auto: {params / 1e6:.0f}M parameters is too big to fine-tune in a round on CPU"
+    return preference, f"auto: CPU, {params / 1e6:.0f}M parameters"
+
+
+def model_parameters(model_path: str) -> int | None:
+    """Parameter count of a local checkpoint, read off its safetensors headers (no weights loaded)."""
+    files = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in entry["shape"]:
+                    count *= dim
+                total += count
+    return total
+
+
+# --- training ----------------------------------------------------------------------------------------
+
+
+def _train_version(inputs: RoundInputs, kind: ProjectKind, registry: Registry, parent: str, settings: Settings,
+                   progress: Progress) -> VersionRecord:
     from .reward_model import RewardSettings, train_reward_model
 
     name = registry.next_version_name()
@@ -81,78 +165,190 @@ def _train_version(inputs, config: CompiledConfig | None, registry: Registry, pa
         progress=lambda event: progress("reward_model", **_loggable(event)),
     )
     metrics: dict[str, Any] = {"reward_model": rm.metrics}
-    algo = _policy_algo(settings)
-    if algo != "none" and config is None:
-        metrics["policy"] = {"skipped": POLICY_SKIPPED_FOR_RANKINGS}
-    elif algo != "none":
-        metrics["policy"] = _train_policy(inputs, config, staged, str(rm.path), algo, train_pairs, settings, progress)
-    return registry.create_version(
-        name, staged, parent=parent, snapshot_hash=inputs.snapshot.content_hash, metrics=metrics
-    )
+    algo, why = policy_plan(settings, kind)
+    if algo == "none":
+        metrics["policy"] = {"skipped": why}
+    else:
+        metrics["policy"] = _train_policy(inputs, kind, staged, str(rm.path), algo, settings, progress)
+        metrics["policy"]["why"] = why
+    return registry.create_version(name, staged, parent=parent, snapshot_hash=inputs.snapshot.content_hash, metrics=metrics)
 
 
-def _policy_algo(settings: Settings) -> str:
-    if settings.policy_algo != "auto":
-        return settings.policy_algo
-    import torch
+def policy_data(inputs: RoundInputs, kind: ProjectKind, settings: Settings, *, heldout: bool = False
+                ) -> tuple[list[SftExample], list[PreferencePair]]:
+    """The snapshot's SFT examples and pairs (training split, or the held-out one) rewritten into the prompt
+    and answer format the policy is served in."""
+    tasks = {t["id"]: t for t in inputs.exported.tasks}
+    config, instructions = kind.generation, inputs.exported.instructions
+    texts_of: dict[Any, dict[str, str]] = {}
 
-    return "grpo" if torch.cuda.is_available() else "none"
+    def texts(task_id) -> dict[str, str] | None:
+        if task_id not in texts_of and task_id in tasks:
+            try:
+                texts_of[task_id] = config.read_task(tasks[task_id], settings.max_text_chars)
+            except RequestError:
+                texts_of[task_id] = None  # e.g. a task whose text outgrew the limit: left out
+        return texts_of.get(task_id)
+
+    def turn(task_id, result: list[dict[str, Any]], body: str):
+        task_texts = texts(task_id)
+        if task_texts is None:
+            return None
+        if kind.ranking is not None:  # a ranked response, as the filler asked the policy for it
+            return PolicyTurn(build_messages(config, task_texts, instructions), answer_text({config.controls[0].name: body}))
+        return policy_turn(config, task_texts, result, instructions, enumerate_max=settings.enumerate_max)
+
+    sft, pairs = [], []
+    for example in inputs.derived.sft:
+        if is_heldout(example.task_id) != heldout:
+            continue
+        made = turn(example.task_id, example.result, example.completion)
+        if made is not None:
+            sft.append(replace(example, prompt=made.messages, completion=made.completion))
+    for pair in inputs.derived.pairs:
+        if is_heldout(pair.task_id) != heldout:
+            continue
+        chosen = turn(pair.task_id, pair.chosen_result, pair.chosen)
+        rejected = turn(pair.task_id, pair.rejected_result, pair.rejected)
+        if chosen is not None and rejected is not None and chosen.completion != rejected.completion:
+            pairs.append(replace(pair, prompt=chosen.messages, chosen=chosen.completion, rejected=rejected.completion))
+    return sft, pairs
 
 
-def _train_policy(inputs, config, staged, rm_path: str, algo: str, train_pairs, settings: Settings, progress) -> dict:
-    from .policy import prompt_text, train_policy, validity_from_config
-    from backend.reward_scoring import RewardModel
+def _train_policy(inputs: RoundInputs, kind: ProjectKind, staged: Path, rm_path: str, algo: str, settings: Settings,
+                  progress: Progress) -> dict[str, Any]:
+    from .policy import PolicySettings, train_policy, validity_from_config
 
     progress("policy", algo=algo)
-    tasks = {t["id"]: t for t in inputs.exported.tasks}
-    train_sft = [s for s in inputs.derived.sft if not is_heldout(s.task_id)]
-    messages_by_prompt = {prompt_text(p.prompt): p.prompt for p in train_pairs}
-    messages_by_prompt.update({prompt_text(s.prompt): s.prompt for s in train_sft})
-    texts_by_prompt = {
-        prompt_text(example.prompt): config.read_task(tasks[example.task_id], settings.max_text_chars)
-        for example in [*train_pairs, *train_sft]
-        if example.task_id in tasks
-    }
-    scorer = RewardModel.load(rm_path)
-
-    def reward(prompts: list[str], completions: list[str]) -> list[float]:
-        return scorer.score([reward_text(messages_by_prompt.get(p, []), c) for p, c in zip(prompts, completions)])
-
+    sft, pairs = policy_data(inputs, kind, settings)
+    heldout_pairs = policy_data(inputs, kind, settings, heldout=True)[1] if kind.ranking is not None else []
+    texts_by_prompt = _texts_by_prompt(inputs, kind, settings, [*sft, *pairs])
+    reward = _reward_fn(kind, rm_path, texts_by_prompt, settings) if algo in ("grpo", "rloo") else None
     result = train_policy(
         settings.model_path,
         staged / "adapter",
-        sft=train_sft,
-        pairs=train_pairs,
+        sft=sft,
+        pairs=pairs,
         algo=algo,
         reward_fn=reward,
-        validity_fn=validity_from_config(config, texts_by_prompt),
+        validity_fn=validity_from_config(kind.generation, texts_by_prompt, enumerate_max=settings.enumerate_max),
+        settings=PolicySettings(),
         progress=lambda event: progress("policy", **_loggable(event)),
+        stage_dir=staged / STAGE_DIR,
+        heldout_pairs=heldout_pairs,
     )
     return result.metrics
 
 
-def _gate(inputs, config, registry: Registry, record: VersionRecord, current, settings: Settings, progress) -> dict:
+def _texts_by_prompt(inputs: RoundInputs, kind: ProjectKind, settings: Settings, examples) -> dict[str, dict[str, str]]:
+    from .policy import prompt_text
+
+    tasks = {t["id"]: t for t in inputs.exported.tasks}
+    found = {}
+    for example in examples:
+        if example.task_id in tasks and prompt_text(example.prompt) not in found:
+            try:
+                found[prompt_text(example.prompt)] = kind.generation.read_task(tasks[example.task_id], settings.max_text_chars)
+            except RequestError:
+                continue
+    return found
+
+
+def _reward_fn(kind: ProjectKind, rm_path: str, texts_by_prompt: dict[str, dict[str, str]], settings: Settings):
+    """GRPO/RLOO's reward: the round's reward model on what it was trained to read (the task data and the
+    canonical JSON answer, whatever format the policy answers in)."""
+    from backend.reward_scoring import RewardModel
+
+    config = kind.generation
+    scorer = RewardModel.load(rm_path)
+    control = config.enumerable_control(settings.enumerate_max)
+    by_answer = {option_answer(o): o for o in (control.options() or [])} if control is not None else {}
+
+    def as_answer(completion: str) -> str:
+        if control is not None and completion.strip() in by_answer:
+            return answer_text({control.name: by_answer[completion.strip()]})
+        return completion
+
+    def reward(prompts: list[str], completions: list[str]) -> list[float]:
+        texts = [
+            reward_text(build_messages(config, texts_by_prompt[p]) if p in texts_by_prompt else [], as_answer(c))
+            for p, c in zip(prompts, completions)
+        ]
+        return scorer.score(texts)
+
+    return reward
+
+
+# --- the gate ----------------------------------------------------------------------------------------
+
+
+def _gate(inputs: RoundInputs, kind: ProjectKind, registry: Registry, record: VersionRecord, current: ServingVersion,
+          settings: Settings, progress: Progress) -> dict:
     progress("evaluate", version=record.name)
-    candidate_eval, current_eval = (_evaluate(inputs, config, version, settings) for version in (record.serving(), current))
-    promote, reason = should_promote(candidate_eval, current_eval, settings.promote_margin, settings.eval_min_tasks)
-    evaluation = {"candidate": candidate_eval.as_dict(), "current": current_eval.as_dict()}
-    if promote:
-        registry.promote(record, reason, evaluation)
+    if kind.ranking is not None:
+        heldout = [p for p in inputs.derived.pairs if is_heldout(p.task_id)]
+        candidate_eval, current_eval = evaluate_pairs(record.serving(), heldout), evaluate_pairs(current, heldout)
+        heldout_report = {"pair_accuracy": {"candidate": candidate_eval.pair_accuracy, "current": current_eval.pair_accuracy}}
+    else:
+        candidate_eval, current_eval, heldout_report = _score_versions(inputs, kind.answers, record, current, settings)
+    decision = compare(candidate_eval, current_eval, settings.promote_margin, settings.eval_min_tasks)
+    evaluation = {"candidate": candidate_eval.as_dict(), "current": current_eval.as_dict(), "test": decision.test}
+    record = replace(record, rm_weight=candidate_eval.rm_weight,
+                     metrics={**record.metrics, "heldout": heldout_report, "decision_test": decision.test})
+    registry.update(record)
+    _drop_stage_adapters(record)
+    if decision.promote:
+        registry.promote(record, decision.reason, evaluation)
         _load_into_engine(record, settings)
     else:
-        registry.reject(record, reason, evaluation)
-    progress("promoted" if promote else "rejected", version=record.name, reason=reason)
-    return {"version": record.name, "promoted": promote, "reason": reason, "evaluation": evaluation}
+        registry.reject(record, decision.reason, evaluation)
+    progress("promoted" if decision.promote else "rejected", version=record.name, reason=decision.reason)
+    return {"version": record.name, "promoted": decision.promote, "reason": decision.reason, "evaluation": evaluation,
+            "heldout": heldout_report}
 
 
-def _evaluate(inputs: RoundInputs, config: CompiledConfig | None, version, settings: Settings) -> Evaluation:
-    """Answer configs: the version's served ranking on held-out human-labelled tasks. Ranking projects
-    (config None): its reward model on held-out human pairs."""
-    if config is None:
-        return evaluate_pairs(version, [p for p in inputs.derived.pairs if is_heldout(p.task_id)])
+def _score_versions(inputs: RoundInputs, config: CompiledConfig, record: VersionRecord, current: ServingVersion,
+                    settings: Settings):
+    """The current version as served and the candidate's stages, all on the same held-out tasks."""
     tasks = {t["id"]: t for t in inputs.exported.tasks}
     heldout = [EvalTask(tasks[s.task_id], s.result) for s in inputs.derived.sft if is_heldout(s.task_id) and s.task_id in tasks]
-    return evaluate(settings, config, version, heldout, inputs.exported.instructions)
+    instructions = inputs.exported.instructions
+    engine = EngineClient.from_settings(settings)
+    try:
+        current_eval = score_ranking(rank_heldout(settings, config, current, heldout, instructions, engine))
+        candidate = rank_heldout(settings, config, record.serving(), heldout, instructions, engine)
+        report: dict[str, Any] = {"tasks": candidate_tasks(candidate), "current": _brief(current_eval)}
+        sft_stage = Path(record.adapter_path or "").parent / STAGE_DIR / "sft"
+        if record.adapter_path and sft_stage.is_dir():
+            stage = ServingVersion(f"{record.name}-sft", adapter_name_for(f"{record.name}-sft", sft_stage), str(sft_stage))
+            report["policy_after_sft"] = _brief(score_ranking(rank_heldout(settings, config, stage, heldout, instructions, engine)))
+    finally:
+        engine.close()
+    report["policy"] = _brief(score_ranking(candidate, 0.0))
+    if candidate.has_rewards:
+        weight, grid = choose_rm_weight(candidate)
+        report["reward_model"] = _brief(score_ranking(candidate, 1.0))
+        report["blend_by_rm_weight"] = grid
+        candidate_eval = score_ranking(candidate, weight)
+    else:
+        candidate_eval = score_ranking(candidate)
+    report["served"] = _brief(candidate_eval)
+    return candidate_eval, current_eval, report
+
+
+def candidate_tasks(ranking: HeldoutRanking) -> dict[str, int]:
+    return {"scored": len(ranking.tasks), "failed": ranking.failed}
+
+
+def _brief(evaluation) -> dict[str, Any]:
+    keep = ("top1", "span_f1", "confidence_auroc", "rm_weight")
+    return {k: v for k, v in evaluation.as_dict().items() if k in keep and v is not None}
+
+
+def _drop_stage_adapters(record: VersionRecord) -> None:
+    """The per-stage adapters were kept only for the gate to measure them."""
+    if record.adapter_path:
+        shutil.rmtree(Path(record.adapter_path).parent / STAGE_DIR, ignore_errors=True)
 
 
 def _load_into_engine(record: VersionRecord, settings: Settings) -> None:
@@ -160,7 +356,7 @@ def _load_into_engine(record: VersionRecord, settings: Settings) -> None:
     serving = record.serving()
     if not (serving.adapter and settings.engine_url):
         return
-    engine = EngineClient(settings.engine_url, settings.model_name, settings.engine_request_timeout)
+    engine = EngineClient.from_settings(settings)
     try:
         engine.load_lora_adapter(serving.adapter, serving.adapter_path)
     finally:
