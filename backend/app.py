@@ -27,6 +27,7 @@ from .settings import Settings, get_settings
 log = logging.getLogger(__name__)
 OPEN_ENDPOINTS = {"health"}  # reachable without basic auth (container health checks)
 SECRET_HEADER = "X-Dataengine-Secret"
+MAX_JSON_DEPTH = 64  # Label Studio's bodies nest about 8 deep; deeper is refused before any code walks it
 
 
 def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> Flask:
@@ -72,9 +73,36 @@ def read_json_object() -> dict[str, Any]:
         body = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except RecursionError as exc:
+        raise BadRequest(f"request body is nested too deeply (more than {MAX_JSON_DEPTH} levels)") from exc
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise BadRequest(f"request body is nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     return body
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion (a deep value must not exhaust the stack here either)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def text_field(body: dict[str, Any], *names: str) -> str:
+    """The first of `names` the body holds (absent, null or "": ""); a 400 naming it when it is not a string."""
+    for name in names:
+        value = body.get(name)
+        if value in (None, ""):
+            continue
+        if not isinstance(value, str):
+            raise BadRequest(f"'{name}' must be a string, got {type(value).__name__}")
+        return value
+    return ""
 
 
 def _install_hooks(app: Flask, settings: Settings) -> None:
@@ -146,14 +174,15 @@ def _install_routes(app: Flask, services: Services) -> None:
         body = read_json_object()
         project = project_id_from(body.get("project"))
         stored = services.projects.get(project)
-        schema = body.get("schema") or body.get("label_config") or stored.label_config
+        schema = text_field(body, "schema", "label_config") or stored.label_config
+        hostname, access_token = text_field(body, "hostname"), text_field(body, "access_token")
         if schema:
             _compile_any(schema, settings)  # 4xx now, not at the first /predict
         overrides = _parse_extra_params(body.get("extra_params"))
         # Configured values win: Label Studio's `hostname` is often localhost as seen from its own
         # container, and its `access_token` is a legacy token that 1.23 may refuse.
-        url = settings.label_studio_url or body.get("hostname") or ""
-        token = settings.label_studio_api_key or body.get("access_token") or ""
+        url = settings.label_studio_url or hostname
+        token = settings.label_studio_api_key or access_token
         instructions = label_studio.fetch_instructions(url, token, project)
         updated = ProjectSettings(
             candidates=overrides.get("candidates", stored.candidates),
@@ -161,8 +190,8 @@ def _install_routes(app: Flask, services: Services) -> None:
             instructions=stored.instructions if instructions is None else instructions,
             label_config=schema or "",
             extra={**stored.extra, **overrides},
-            label_studio_hostname=str(body.get("hostname") or stored.label_studio_hostname),
-            label_studio_token=str(body.get("access_token") or stored.label_studio_token),
+            label_studio_hostname=hostname or stored.label_studio_hostname,
+            label_studio_token=access_token or stored.label_studio_token,
         )
         if updated != stored:
             services.projects.save(project, updated)
@@ -176,7 +205,7 @@ def _install_routes(app: Flask, services: Services) -> None:
             raise BadRequest("'tasks' must be a non-empty list of Label Studio tasks")
         project = project_id_from(body.get("project"))
         stored = services.projects.get(project)
-        schema = body.get("label_config") or stored.label_config
+        schema = text_field(body, "label_config") or stored.label_config
         if not schema:
             raise BadRequest("'label_config' is missing and /setup has not been called for this project")
         params = body.get("params") if isinstance(body.get("params"), dict) else {}
@@ -243,7 +272,7 @@ def _install_routes(app: Flask, services: Services) -> None:
     def jobs():
         return jsonify(jobs=services.queue.list_jobs(_int_arg("limit", 50, 1, 1000)))
 
-    @app.get("/jobs/<job_id>")
+    @app.get("/jobs/<path:job_id>")
     def job(job_id: str):
         found = services.queue.get_job(job_id)
         if found is None:

@@ -26,7 +26,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urljoin, urlparse
+from urllib.parse import parse_qs, unquote, urljoin, urlparse, urlsplit
 
 import httpx
 from PIL import Image, UnidentifiedImageError
@@ -142,7 +142,7 @@ class ImageFetcher:
             return read_data_uri(ref, self.limits.max_bytes, where)
         if ref.startswith("/"):
             return self._fetch_label_studio_path(ref, access, where)
-        scheme = urlparse(ref).scheme.lower()
+        scheme = ref.split(":", 1)[0].lower() if ":" in ref else ""
         if scheme in ("http", "https"):
             return self._fetch_url(ref, access, where)
         if scheme in ("s3", "gs", "azure-blob"):
@@ -183,12 +183,12 @@ class ImageFetcher:
 
     def _fetch_url(self, url: str, access: LabelStudioAccess, where: str) -> RawImage:
         for _ in range(MAX_REDIRECTS + 1):
-            self._check_destination(url, access, where)
-            headers = access.auth_header() if urlparse(url).netloc == access.netloc else {}
+            netloc = self._check_destination(url, access, where)
+            headers = access.auth_header() if netloc == access.netloc else {}
             try:
                 with self._http.stream("GET", url, headers=headers) as response:
                     if response.is_redirect and response.headers.get("location"):
-                        url = urljoin(url, response.headers["location"])
+                        url = _redirect_target(url, response.headers["location"], where)
                         continue
                     if response.status_code >= 400:
                         raise ImageError(f"{where}: fetching {_short(url)} answered HTTP {response.status_code}")
@@ -209,22 +209,46 @@ class ImageFetcher:
                 raise ImageTooLarge(f"{where}: more than {limit} bytes (DATAENGINE_IMAGE_MAX_BYTES)")
         return bytes(body)
 
-    def _check_destination(self, url: str, access: LabelStudioAccess, where: str) -> None:
-        parsed = urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ImageError(f"{where}: {_short(url)} is not an http(s) URL")
-        if self.limits.allow_private or (access.trusted and parsed.netloc == access.netloc):
-            return
-        for address in resolve_host(parsed.hostname, parsed.port, where):
+    def _check_destination(self, url: str, access: LabelStudioAccess, where: str) -> str:
+        """The URL's netloc, once the SSRF guard has passed it."""
+        parsed = parse_http_url(url, where)
+        netloc = parsed.netloc.decode("ascii")
+        if self.limits.allow_private or (access.trusted and netloc == access.netloc):
+            return netloc
+        for address in resolve_host(parsed.host, parsed.port, where):
             if not is_public_address(address):
                 raise ForbiddenImageUrl(
                     f"{where}: {_short(url)} resolves to the non-public address {address}; requests to private "
                     "networks are refused (set DATAENGINE_ALLOW_PRIVATE_URLS=true to allow them, or LABEL_STUDIO_URL "
                     "when the image is on Label Studio)"
                 )
+        return netloc
 
     def close(self) -> None:
         self._http.close()
+
+
+def parse_http_url(url: str, where: str) -> httpx.URL:
+    """`url` parsed the way httpx will send it; a 422 naming the problem when it cannot be fetched at all."""
+    try:
+        urlsplit(url).port  # the standard library's parser must accept it too: it rejects "[x" and bad ports
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise ImageError(f"{where}: {_short(url)} is not a valid URL: {exc}") from exc
+    if parsed.scheme not in ("http", "https"):
+        raise ImageError(f"{where}: {_short(url)} is not an http(s) URL")
+    if not parsed.host:
+        raise ImageError(f"{where}: {_short(url)} is not a valid URL: it names no host")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise ImageError(f"{where}: {_short(url)} is not a valid URL: port {parsed.port} is out of range 1-65535")
+    return parsed
+
+
+def _redirect_target(url: str, location: str, where: str) -> str:
+    try:
+        return urljoin(url, location)
+    except ValueError as exc:
+        raise ImageError(f"{where}: fetching {_short(url)} redirected to an invalid URL: {exc}") from exc
 
 
 # --- address checks --------------------------------------------------------------------------------

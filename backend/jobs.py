@@ -19,9 +19,9 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
-from rq.job import Job, JobStatus
+from rq.job import Job, JobStatus, validate_job_id
 
-from .errors import RequestError
+from .errors import BadRequest, RequestError
 from .feedback import FeedbackEvent
 
 PREFIX = "dataengine:"
@@ -182,6 +182,11 @@ class FeedbackQueue:
         return [describe_job(job) for job in jobs[:limit]]
 
     def get_job(self, job_id: str) -> dict[str, Any] | None:
+        """The job's view; None when there is no such job; a 400 when `job_id` cannot be a job id."""
+        try:
+            validate_job_id(job_id)
+        except ValueError as exc:
+            raise BadRequest(f"malformed job id {job_id[:80]!r}: {exc}") from exc
         try:
             return describe_job(Job.fetch(job_id, connection=self.redis))
         except NoSuchJobError:
