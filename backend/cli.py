@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 
-from .logs import configure_logging, server_logconfig
+from .logs import configure_logging, redact_url, server_logconfig
 from .settings import Settings, get_settings
 
 log = logging.getLogger("dataengine")
@@ -45,7 +45,7 @@ def serve(settings: Settings) -> int:
 
 def start_worker() -> subprocess.Popen:
     """The RQ worker as a child process (started by module name: backend never imports training)."""
-    log.info("starting the RQ worker (REDIS_URL=%s)", get_settings().redis_url)
+    log.info("starting the RQ worker (REDIS_URL=%s)", redact_url(get_settings().redis_url))
     return subprocess.Popen([sys.executable, "-m", "training.cli", "worker"])
 
 

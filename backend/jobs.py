@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -40,6 +41,15 @@ return 0
 
 class QueueUnavailable(RequestError):
     status = 503
+
+
+@contextmanager
+def redis_needed(what: str):
+    """Redis errors inside become a 503 naming what could not be done."""
+    try:
+        yield
+    except RedisError as exc:
+        raise QueueUnavailable(f"Redis is unreachable ({exc.__class__.__name__}): {what}, retry later") from exc
 
 
 @dataclass(frozen=True)
@@ -117,7 +127,8 @@ class FeedbackQueue:
         return event_id, bool(rest and rest[0]), values
 
     def recent_events(self, project: str, limit: int = 100) -> list[dict[str, Any]]:
-        entries = self.redis.xrevrange(key("events", project), count=limit)
+        with redis_needed("events not read"):
+            entries = self.redis.xrevrange(key("events", project), count=limit)
         events = []
         for event_id, fields in reversed(entries):
             record = {k.decode(): _decode_field(v) for k, v in fields.items()}
@@ -166,6 +177,10 @@ class FeedbackQueue:
 
     # --- job views ------------------------------------------------------------------------------------
     def list_jobs(self, limit: int = 50) -> list[dict[str, Any]]:
+        with redis_needed("jobs not listed"):
+            return self._list_jobs(limit)
+
+    def _list_jobs(self, limit: int) -> list[dict[str, Any]]:
         ids: list[str] = []
         registries = [
             self.queue.started_job_registry,
@@ -188,7 +203,8 @@ class FeedbackQueue:
         except ValueError as exc:
             raise BadRequest(f"malformed job id {job_id[:80]!r}: {exc}") from exc
         try:
-            return describe_job(Job.fetch(job_id, connection=self.redis))
+            with redis_needed("job not read"):
+                return describe_job(Job.fetch(job_id, connection=self.redis))
         except NoSuchJobError:
             return None
 

@@ -40,16 +40,28 @@ def project_id_from(value: Any) -> str:
 
 
 def atomic_write_json(path: Path, payload: Any) -> None:
-    """Write-then-rename, so readers never see a half-written file."""
+    """Write-then-rename, so readers never see a half-written file; the data is on disk before the rename
+    and the rename is on disk before we return, so a power cut leaves the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(payload, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class ProjectStore:

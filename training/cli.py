@@ -146,7 +146,9 @@ def run_worker() -> int:
 
     queue = _queue()
     if not queue.ping():
-        print(f"error: Redis at {get_settings().redis_url} is unreachable (set REDIS_URL)", file=sys.stderr)
+        from backend.logs import redact_url
+
+        print(f"error: Redis at {redact_url(get_settings().redis_url)} is unreachable (set REDIS_URL)", file=sys.stderr)
         return 2
     if get_settings().reconcile_interval and not queue.queue.scheduled_job_registry.get_job_ids():
         queue.queue.enqueue("training.jobs.reconcile", job_id="reconcile-next")
