@@ -61,10 +61,13 @@ class Services:
 
 
 def read_json_object() -> dict[str, Any]:
-    """The request body as a JSON object, or a 4xx naming what is wrong with it."""
+    """The request body as a JSON object, or a 4xx naming what is wrong with it. Only `application/json`:
+    a cross-site HTML form can post text/plain, urlencoded or multipart bodies, never JSON."""
     raw = request.get_data(cache=False)
     if not raw:
         raise BadRequest("request body is empty; expected a JSON object")
+    if request.mimetype != "application/json":
+        raise RequestError(f"Content-Type must be application/json, got {request.mimetype or 'none'!r}", 415)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -114,7 +117,7 @@ def _install_hooks(app: Flask, settings: Settings) -> None:
             and settings.webhook_secret
             and hmac.compare_digest(request.headers.get(SECRET_HEADER, "").encode(), settings.webhook_secret.encode())
         )
-        if settings.basic_auth_user and request.endpoint not in OPEN_ENDPOINTS and not secret_ok:
+        if settings.auth_configured and request.endpoint not in OPEN_ENDPOINTS and not secret_ok:
             auth = request.authorization
             ok = (
                 auth is not None

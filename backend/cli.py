@@ -10,7 +10,9 @@ import sys
 import tempfile
 
 from .logs import configure_logging, redact_url, server_logconfig
-from .settings import Settings, get_settings
+from pydantic import ValidationError
+
+from .settings import Settings, configuration_error, get_settings
 
 log = logging.getLogger("dataengine")
 ACCESS_LOG_FORMAT = '%(addr)s "%(method)s %(path)s %(protocol)s" %(status)d %(dt_ms).1fms'
@@ -29,6 +31,12 @@ def serve(settings: Settings) -> int:
         except EngineStartError as exc:
             log.error("%s", exc)
             return 2
+    if not settings.auth_configured:
+        log.warning(
+            "no authentication: BASIC_AUTH_USER/BASIC_AUTH_PASS are not set, so anyone who reaches %s:%d can call "
+            "/setup, /predict, /prelabel and /webhook (the compose file publishes this port); set them, or keep "
+            "the port on a private network", settings.host, settings.port,
+        )
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="dataengine-metrics-"))
     get_settings.cache_clear()
     worker = start_worker() if settings.run_worker else None
@@ -91,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dataengine")
     add_serving_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    configure_logging(get_settings().log_level, get_settings().log_format)
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        print(f"error: {configuration_error(exc)}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
     return run_serving_command(args) or 0
 
 

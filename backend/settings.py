@@ -9,7 +9,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -104,6 +104,19 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: str = Field("text", pattern="^(text|json)$")  # json: one JSON object per log line
 
+    @model_validator(mode="after")
+    def _whole_credentials(self) -> "Settings":
+        """Half a credential would leave auth off (only the password) or accept an empty password (only the
+        user): refuse to start instead."""
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            missing = "BASIC_AUTH_PASS" if self.basic_auth_user else "BASIC_AUTH_USER"
+            raise ValueError(f"BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together (or both left empty); {missing} is empty")
+        return self
+
+    @property
+    def auth_configured(self) -> bool:
+        return bool(self.basic_auth_user and self.basic_auth_pass)
+
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model.rstrip("/")).name
@@ -133,3 +146,10 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def configuration_error(exc: ValidationError) -> str:
+    """What is wrong with the environment, without the values (pydantic's own message repeats every input,
+    secrets included)."""
+    problems = [f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors(include_input=False, include_url=False)]
+    return "invalid configuration: " + "; ".join(problems)

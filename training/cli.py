@@ -5,8 +5,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from backend.cli import add_serving_commands, configure_logging, run_serving_command
-from backend.settings import get_settings
+from backend.settings import configuration_error, get_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(get_settings().log_level, get_settings().log_format)
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        print(f"error: {configuration_error(exc)}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
     if args.command == "make-tiny-model":
         from .tiny_model import build_tiny_model
 
