@@ -8,10 +8,11 @@ References a task can hold (the value of `<Image value="$field">`):
     LOCAL_FILES_DOCUMENT_ROOT.
   * plain `http(s)://` URLs, and `data:image/...;base64,` URIs.
 
-SSRF guard (like Label Studio's own): a URL whose host resolves to a non-public address (loopback,
-private, link-local, reserved ...) is refused unless DATAENGINE_ALLOW_PRIVATE_URLS is set; the host of the
-configured LABEL_STUDIO_URL is trusted. Redirects are followed by hand so every hop is checked, and the
-token is only ever sent to the Label Studio host.
+SSRF guard (like Label Studio's own; backend/ssrf.py): a URL whose host resolves to a non-public address
+(loopback, private, link-local, reserved, or an IPv6 form embedding one) is refused unless
+DATAENGINE_ALLOW_PRIVATE_URLS is set; the host of the configured LABEL_STUDIO_URL is trusted. The guard checks
+the host httpx connects to and pins the connection to the address it checked (no DNS rebinding). Redirects
+are followed by hand so every hop is checked, and the token is only ever sent to the Label Studio host.
 
 Every problem is a `RequestError` with a 4xx status naming the task and the problem; the predictor reports
 it for that task only. The engine gets the image as a PNG data URI (no second fetch, no engine-side SSRF),
@@ -22,8 +23,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import ipaddress
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urljoin, urlparse, urlsplit
@@ -32,6 +31,7 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from .errors import RequestError
+from .ssrf import BlockedDestination, GuardedTransport, is_public_address  # noqa: F401 (is_public_address: re-exported)
 from .thread_transport import PerThreadTransport
 
 # Formats Pillow decodes that vision-language processors handle; anything else is a 415.
@@ -94,7 +94,11 @@ class LabelStudioAccess:
 
     @property
     def netloc(self) -> str:
-        return urlparse(self.url).netloc if self.url else ""
+        """Label Studio's host:port as httpx sends it (IDNA 2008), to compare with image URLs'."""
+        try:
+            return httpx.URL(self.url).netloc.decode("ascii") if self.url else ""
+        except httpx.InvalidURL:
+            return ""
 
     def auth_header(self) -> dict[str, str]:
         if not self.token:
@@ -128,7 +132,8 @@ class ImageFetcher:
 
     def __init__(self, limits: ImageLimits):
         self.limits = limits
-        self._http = httpx.Client(timeout=httpx.Timeout(limits.timeout), follow_redirects=False, transport=PerThreadTransport())
+        transport = GuardedTransport(PerThreadTransport())  # every hop's host checked and pinned (backend/ssrf.py)
+        self._http = httpx.Client(timeout=httpx.Timeout(limits.timeout), follow_redirects=False, transport=transport)
 
     def prepare(self, reference: str, access: LabelStudioAccess, where: str) -> PreparedImage:
         """Fetch, validate and re-encode the image `reference`; `where` names it in errors ("task 3 image 'img'")."""
@@ -183,16 +188,24 @@ class ImageFetcher:
 
     def _fetch_url(self, url: str, access: LabelStudioAccess, where: str) -> RawImage:
         for _ in range(MAX_REDIRECTS + 1):
-            netloc = self._check_destination(url, access, where)
-            headers = access.auth_header() if netloc == access.netloc else {}
+            netloc = parse_http_url(url, where).netloc.decode("ascii")
+            to_label_studio = netloc == access.netloc
+            headers = access.auth_header() if to_label_studio else {}
+            trusted = self.limits.allow_private or (access.trusted and to_label_studio)
             try:
-                with self._http.stream("GET", url, headers=headers) as response:
+                with self._http.stream("GET", url, headers=headers, extensions={GuardedTransport.TRUSTED: trusted}) as response:
                     if response.is_redirect and response.headers.get("location"):
                         url = _redirect_target(url, response.headers["location"], where)
                         continue
                     if response.status_code >= 400:
                         raise ImageError(f"{where}: fetching {_short(url)} answered HTTP {response.status_code}")
                     return RawImage(self._read_capped(response, where), _mime(response.headers.get("content-type", "")))
+            except BlockedDestination as exc:
+                raise ForbiddenImageUrl(
+                    f"{where}: {_short(url)} resolves to the non-public address {exc.address}; requests to private "
+                    "networks are refused (set DATAENGINE_ALLOW_PRIVATE_URLS=true to allow them, or LABEL_STUDIO_URL "
+                    "when the image is on Label Studio)"
+                ) from exc
             except httpx.HTTPError as exc:
                 raise ImageError(f"{where}: cannot fetch {_short(url)}: {exc.__class__.__name__}: {exc}") from exc
         raise ImageError(f"{where}: more than {MAX_REDIRECTS} redirects fetching {_short(url)}")
@@ -208,21 +221,6 @@ class ImageFetcher:
             if len(body) > limit:
                 raise ImageTooLarge(f"{where}: more than {limit} bytes (DATAENGINE_IMAGE_MAX_BYTES)")
         return bytes(body)
-
-    def _check_destination(self, url: str, access: LabelStudioAccess, where: str) -> str:
-        """The URL's netloc, once the SSRF guard has passed it."""
-        parsed = parse_http_url(url, where)
-        netloc = parsed.netloc.decode("ascii")
-        if self.limits.allow_private or (access.trusted and netloc == access.netloc):
-            return netloc
-        for address in resolve_host(parsed.host, parsed.port, where):
-            if not is_public_address(address):
-                raise ForbiddenImageUrl(
-                    f"{where}: {_short(url)} resolves to the non-public address {address}; requests to private "
-                    "networks are refused (set DATAENGINE_ALLOW_PRIVATE_URLS=true to allow them, or LABEL_STUDIO_URL "
-                    "when the image is on Label Studio)"
-                )
-        return netloc
 
     def close(self) -> None:
         self._http.close()
@@ -252,22 +250,6 @@ def _redirect_target(url: str, location: str, where: str) -> str:
 
 
 # --- address checks --------------------------------------------------------------------------------
-
-
-def resolve_host(host: str, port: int | None, where: str) -> list[str]:
-    try:
-        infos = socket.getaddrinfo(host, port or 80, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise ImageError(f"{where}: cannot resolve host {host!r}: {exc}") from exc
-    return sorted({info[4][0] for info in infos})
-
-
-def is_public_address(address: str) -> bool:
-    """A globally routable unicast address (IPv4-mapped IPv6 judged by its IPv4 address)."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
 
 
 # --- decoding --------------------------------------------------------------------------------------
