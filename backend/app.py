@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Any
 
+import httpx
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
@@ -182,19 +183,18 @@ def _install_routes(app: Flask, services: Services) -> None:
         if schema:
             _compile_any(schema, settings)  # 4xx now, not at the first /predict
         overrides = _parse_extra_params(body.get("extra_params"))
-        # Configured values win: Label Studio's `hostname` is often localhost as seen from its own
-        # container, and its `access_token` is a legacy token that 1.23 may refuse.
-        url = settings.label_studio_url or hostname
-        token = settings.label_studio_api_key or access_token
-        instructions = label_studio.fetch_instructions(url, token, project)
+        hostname, access_token = bind_token(stored, hostname, access_token)
+        access = _label_studio_access(settings, hostname, access_token)
+        guarded = not (access.trusted or settings.allow_private_urls)
+        instructions = label_studio.fetch_instructions(access.url, access.token, project, guarded=guarded)
         updated = ProjectSettings(
             candidates=overrides.get("candidates", stored.candidates),
             temperature=overrides.get("temperature", stored.temperature),
             instructions=stored.instructions if instructions is None else instructions,
             label_config=schema or "",
             extra={**stored.extra, **overrides},
-            label_studio_hostname=hostname or stored.label_studio_hostname,
-            label_studio_token=access_token or stored.label_studio_token,
+            label_studio_hostname=hostname,
+            label_studio_token=access_token,
         )
         if updated != stored:
             services.projects.save(project, updated)
@@ -223,7 +223,7 @@ def _install_routes(app: Flask, services: Services) -> None:
             candidates=overrides.get("candidates") or stored.candidates or settings.candidates,
             temperature=overrides.get("temperature") or stored.temperature or settings.temperature,
             instructions=stored.instructions,
-            label_studio=_label_studio_access(settings, stored),
+            label_studio=_label_studio_access(settings, stored.label_studio_hostname, stored.label_studio_token),
         )
         outcome = services.predictor.predict_each(predict_request)
         if len(outcome.failures) == len(tasks):  # nothing to pre-annotate: answer with the (first) task's 4xx
@@ -326,12 +326,29 @@ def _count_quality(project: str, created: list[quality.CreatedAnnotation], serve
         log.warning("quality signal: annotation outcome not counted: %s", exc)
 
 
-def _label_studio_access(settings: Settings, stored: ProjectSettings) -> LabelStudioAccess:
-    """Configured LABEL_STUDIO_URL / _API_KEY win over what /setup sent; only a configured URL is trusted
-    by the images' SSRF guard (a /setup body cannot point the backend at a private host)."""
-    url = settings.label_studio_url or stored.label_studio_hostname
-    token = settings.label_studio_api_key or stored.label_studio_token
-    return LabelStudioAccess(url=url, token=token, trusted=bool(settings.label_studio_url))
+def bind_token(stored: ProjectSettings, hostname: str, token: str) -> tuple[str, str]:
+    """The (hostname, token) pair to keep from a /setup: a token stays bound to the Label Studio it came with,
+    so a /setup naming another host without a token of its own drops the stored one."""
+    if hostname and _origin(hostname) != _origin(stored.label_studio_hostname):
+        return hostname, token
+    return hostname or stored.label_studio_hostname, token or stored.label_studio_token
+
+
+def _origin(url: str) -> str:
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return url
+    return f"{parsed.scheme}://{parsed.netloc.decode('ascii').lower()}"
+
+
+def _label_studio_access(settings: Settings, hostname: str, token: str) -> LabelStudioAccess:
+    """Where to read Label Studio, with which token. A configured LABEL_STUDIO_URL wins over the /setup
+    `hostname` (often localhost as seen from Label Studio's own container) and is the only host trusted by the
+    SSRF guard; LABEL_STUDIO_API_KEY goes to that URL only, never to a host a /setup body named."""
+    if settings.label_studio_url:
+        return LabelStudioAccess(url=settings.label_studio_url, token=settings.label_studio_api_key or token, trusted=True)
+    return LabelStudioAccess(url=hostname, token=token, trusted=False)
 
 
 def _empty_prediction(model_version: str) -> dict[str, Any]:
