@@ -157,8 +157,10 @@ def run_worker() -> int:
 
         print(f"error: Redis at {redact_url(get_settings().redis_url)} is unreachable (set REDIS_URL)", file=sys.stderr)
         return 2
-    if get_settings().reconcile_interval and not queue.queue.scheduled_job_registry.get_job_ids():
-        queue.queue.enqueue("training.jobs.reconcile", job_id="reconcile-next")
+    if get_settings().reconcile_interval:
+        from .jobs import ensure_reconcile_scheduled
+
+        ensure_reconcile_scheduled(queue)
     Worker([queue.queue], connection=queue.redis).work(with_scheduler=True)
     return 0
 
