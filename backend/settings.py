@@ -85,6 +85,7 @@ class Settings(BaseSettings):
     train_every: int = Field(50, ge=1)  # new/changed annotations per project that trigger a training round
     reconcile_interval: int = Field(600, ge=0)  # seconds between reconcile passes (0 = off)
     job_timeout: int = Field(6 * 3600, ge=1)
+    lock_ttl: int = Field(60, ge=2)  # per-project training/prelabel lock: lapses this long after its job died
     retry_intervals: str = "10,60,300"  # seconds between retries of a failed training job (one per retry)
     queue_name: str = "dataengine"
     run_worker: bool = True  # `dataengine serve` also starts an RQ worker (set 0 when workers run elsewhere)

@@ -26,6 +26,7 @@ from backend.ranking import compile_ranking_config, is_comparison_config
 from backend.settings import Settings, get_settings
 
 from .export import export_project
+from .locks import renewed_lock
 from .preferences import derive
 from .rounds import RoundInputs, learn
 from .snapshot import label_config_hash, write_snapshot
@@ -50,7 +51,7 @@ def run_training_round(project: str, reason: str = "manual", settings: Settings 
     started = time.monotonic()
     outcome = "failed"
     try:
-        with redis.lock(key("train-lock", project), timeout=settings.job_timeout, blocking_timeout=settings.job_timeout):
+        with renewed_lock(redis, key("train-lock", project), ttl=settings.lock_ttl, wait=settings.job_timeout):
             rounds = []
             for _ in range(MAX_ROUNDS_PER_JOB):
                 redis.delete(key("rerun", project))
