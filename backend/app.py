@@ -13,7 +13,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import label_studio, metrics, quality
 from .engine_client import EngineClient
-from .errors import BadRequest, RequestError
+from .errors import BadRequest, PayloadTooLarge, RequestError
 from .feedback import HANDLED_ACTIONS, parse_webhook
 from .images import LabelStudioAccess
 from .jobs import FeedbackQueue
@@ -177,6 +177,7 @@ def _install_routes(app: Flask, services: Services) -> None:
     def setup():
         body = read_json_object()
         project = project_id_from(body.get("project"))
+        services.projects.check_room_for(project, settings.max_projects)
         stored = services.projects.get(project)
         schema = text_field(body, "schema", "label_config") or stored.label_config
         hostname, access_token = text_field(body, "hostname"), text_field(body, "access_token")
@@ -206,6 +207,11 @@ def _install_routes(app: Flask, services: Services) -> None:
         tasks = body.get("tasks")
         if not isinstance(tasks, list) or not tasks:
             raise BadRequest("'tasks' must be a non-empty list of Label Studio tasks")
+        if len(tasks) > settings.max_predict_tasks:
+            raise PayloadTooLarge(
+                f"{len(tasks)} tasks in one /predict; the limit is {settings.max_predict_tasks} "
+                "(DATAENGINE_MAX_PREDICT_TASKS): pre-label a whole project with POST /prelabel or `dataengine prelabel`"
+            )
         project = project_id_from(body.get("project"))
         stored = services.projects.get(project)
         schema = text_field(body, "label_config") or stored.label_config

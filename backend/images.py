@@ -23,8 +23,12 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import parse_qs, unquote, urljoin, urlparse, urlsplit
 
 import httpx
@@ -70,6 +74,7 @@ class ImageLimits:
     timeout: float = 10.0
     allow_private: bool = False
     local_files_root: str = ""
+    memory_budget: int = 1024 * 1024 * 1024  # bytes of decoded images held at once by one fetcher (process)
 
     @classmethod
     def from_settings(cls, settings) -> "ImageLimits":
@@ -80,6 +85,7 @@ class ImageLimits:
             timeout=settings.image_fetch_timeout,
             allow_private=settings.allow_private_urls,
             local_files_root=str(settings.local_files_root or ""),
+            memory_budget=settings.image_memory_budget,
         )
 
 
@@ -127,18 +133,47 @@ class RawImage:
     mime: str  # what the source declared (Content-Type, data URI); "" when unknown
 
 
+class MemoryBudget:
+    """Bytes of decoded images the threads of a process may hold at once: a decode waits for room. Thread-safe."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.in_use = 0
+        self.peak = 0
+        self._room = threading.Condition()
+
+    @contextmanager
+    def reserve(self, nbytes: int, where: str) -> Iterator[None]:
+        if nbytes > self.total:
+            raise ImageTooLarge(
+                f"{where}: decoding it takes about {nbytes} bytes, more than the whole budget of {self.total} "
+                "(DATAENGINE_IMAGE_MEMORY_BUDGET)"
+            )
+        with self._room:
+            self._room.wait_for(lambda: self.in_use + nbytes <= self.total)
+            self.in_use += nbytes
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._room:
+                self.in_use -= nbytes
+                self._room.notify_all()
+
+
 class ImageFetcher:
     """Thread-safe: one per process, shared by the predictor's threads."""
 
     def __init__(self, limits: ImageLimits):
         self.limits = limits
+        self.budget = MemoryBudget(limits.memory_budget)
         transport = GuardedTransport(PerThreadTransport())  # every hop's host checked and pinned (backend/ssrf.py)
         self._http = httpx.Client(timeout=httpx.Timeout(limits.timeout), follow_redirects=False, transport=transport)
 
     def prepare(self, reference: str, access: LabelStudioAccess, where: str) -> PreparedImage:
         """Fetch, validate and re-encode the image `reference`; `where` names it in errors ("task 3 image 'img'")."""
         raw = self.fetch(reference, access, where)
-        return decode_image(raw, self.limits, where, reference)
+        return decode_image(raw, self.limits, where, reference, self.budget)
 
     # --- fetching ----------------------------------------------------------------------------------
     def fetch(self, reference: str, access: LabelStudioAccess, where: str) -> RawImage:
@@ -187,19 +222,24 @@ class ImageFetcher:
             raise ImageError(f"{where}: cannot read local file {relative!r}: {exc.strerror or exc}") from exc
 
     def _fetch_url(self, url: str, access: LabelStudioAccess, where: str) -> RawImage:
+        """DATAENGINE_IMAGE_FETCH_TIMEOUT bounds the whole download, redirects included (httpx's own timeouts are
+        per connect/read: a server dripping a byte a second would never hit them)."""
+        deadline = time.monotonic() + self.limits.timeout
         for _ in range(MAX_REDIRECTS + 1):
             netloc = parse_http_url(url, where).netloc.decode("ascii")
             to_label_studio = netloc == access.netloc
             headers = access.auth_header() if to_label_studio else {}
             trusted = self.limits.allow_private or (access.trusted and to_label_studio)
             try:
-                with self._http.stream("GET", url, headers=headers, extensions={GuardedTransport.TRUSTED: trusted}) as response:
+                remaining = self._remaining(deadline, url, where)
+                extensions = {GuardedTransport.TRUSTED: trusted}
+                with self._http.stream("GET", url, headers=headers, timeout=remaining, extensions=extensions) as response:
                     if response.is_redirect and response.headers.get("location"):
                         url = _redirect_target(url, response.headers["location"], where)
                         continue
                     if response.status_code >= 400:
                         raise ImageError(f"{where}: fetching {_short(url)} answered HTTP {response.status_code}")
-                    return RawImage(self._read_capped(response, where), _mime(response.headers.get("content-type", "")))
+                    return RawImage(self._read_capped(response, where, deadline), _mime(response.headers.get("content-type", "")))
             except BlockedDestination as exc:
                 raise ForbiddenImageUrl(
                     f"{where}: {_short(url)} resolves to the non-public address {exc.address}; requests to private "
@@ -210,7 +250,15 @@ class ImageFetcher:
                 raise ImageError(f"{where}: cannot fetch {_short(url)}: {exc.__class__.__name__}: {exc}") from exc
         raise ImageError(f"{where}: more than {MAX_REDIRECTS} redirects fetching {_short(url)}")
 
-    def _read_capped(self, response: httpx.Response, where: str) -> bytes:
+    def _remaining(self, deadline: float, url: str, where: str) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ImageError(
+                f"{where}: fetching {_short(url)} took longer than {self.limits.timeout:g} s (DATAENGINE_IMAGE_FETCH_TIMEOUT)"
+            )
+        return remaining
+
+    def _read_capped(self, response: httpx.Response, where: str, deadline: float) -> bytes:
         limit = self.limits.max_bytes
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -220,6 +268,7 @@ class ImageFetcher:
             body += chunk
             if len(body) > limit:
                 raise ImageTooLarge(f"{where}: more than {limit} bytes (DATAENGINE_IMAGE_MAX_BYTES)")
+            self._remaining(deadline, str(response.url), where)
         return bytes(body)
 
     def close(self) -> None:
@@ -268,8 +317,17 @@ def read_data_uri(uri: str, max_bytes: int, where: str) -> RawImage:
     return RawImage(data, _mime(header[len("data:"):].split(";", 1)[0]))
 
 
-def decode_image(raw: RawImage, limits: ImageLimits, where: str, reference: str = "") -> PreparedImage:
-    """Validate type, dimensions and integrity with Pillow; scale down and re-encode as PNG."""
+def decoded_bytes(width: int, height: int) -> int:
+    """What decoding and re-encoding an image may hold at once: the decoded pixels and their RGB copy, at up to
+    4 bytes a pixel each."""
+    return width * height * 8
+
+
+def decode_image(
+    raw: RawImage, limits: ImageLimits, where: str, reference: str = "", budget: MemoryBudget | None = None
+) -> PreparedImage:
+    """Validate type, dimensions and integrity with Pillow; scale down and re-encode as PNG. The decode waits
+    for room in `budget` (the header gives the size before any pixel is decoded)."""
     allowed = sorted(ALLOWED_FORMATS.values())
     if raw.mime not in NEUTRAL_MIME_TYPES and raw.mime not in allowed:
         raise UnsupportedImageType(f"{where}: type {raw.mime!r} is not supported; allowed: {', '.join(allowed)}")
@@ -283,12 +341,13 @@ def decode_image(raw: RawImage, limits: ImageLimits, where: str, reference: str 
         raise ImageError(f"{where}: the bytes are not a readable image (corrupt or not an image): {exc}") from exc
     with image:
         _check_format_and_size(image, limits, where)
-        try:
-            image.load()
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise ImageError(f"{where}: the {image.format} image is corrupt: {exc}") from exc
         width, height = image.size
-        return PreparedImage(reference=reference, width=width, height=height, png=_engine_png(image, limits.max_side))
+        with (budget or MemoryBudget(limits.memory_budget)).reserve(decoded_bytes(width, height), where):
+            try:
+                image.load()
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                raise ImageError(f"{where}: the {image.format} image is corrupt: {exc}") from exc
+            return PreparedImage(reference=reference, width=width, height=height, png=_engine_png(image, limits.max_side))
 
 
 def _check_format_and_size(image: Image.Image, limits: ImageLimits, where: str) -> None:

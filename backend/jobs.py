@@ -31,6 +31,14 @@ RECONCILE_FUNC = "training.jobs.reconcile"
 EVENTS_MAXLEN = 100_000
 ACTIVE = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.STARTED}
 
+# Admit a project: already known, or room for one more (then it is added); returns 1 when admitted.
+_ADMIT_PROJECT = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+"""
+
 # Atomically add to the change counter and reset it when it reaches the threshold; returns 1 on trigger.
 _COUNT_AND_TRIGGER = """
 local n = redis.call('INCRBY', KEYS[1], ARGV[1])
@@ -72,6 +80,7 @@ class FeedbackQueue:
             job_timeout=settings.job_timeout,
             queue_name=settings.queue_name,
             retry_intervals=settings.retry_schedule,
+            max_projects=settings.max_projects,
         )
 
     def __init__(
@@ -82,12 +91,15 @@ class FeedbackQueue:
         job_timeout: int,
         queue_name: str = "dataengine",
         retry_intervals: list[int] | None = None,
+        max_projects: int = 1000,
     ):
         self.redis = Redis.from_url(redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
         self.queue = Queue(queue_name, connection=self.redis)
         self.train_every = train_every
         self.job_timeout = job_timeout
         self.retry_intervals = retry_intervals if retry_intervals is not None else [10, 60, 300]
+        self.max_projects = max_projects
+        self._admitted: set[str] = set()  # projects this process saw admitted (no round trip for them)
 
     def ping(self) -> bool:
         try:
@@ -102,12 +114,24 @@ class FeedbackQueue:
         `read_keys` are read (MGET) in the same round trip, for bookkeeping that needs them (quality signal):
         a webhook costs one round trip to Redis unless it starts a training job."""
         try:
+            self._admit(event.project)
             event_id, triggered, values = self._append(event, list(read_keys))
             due = event.action == "START_TRAINING" or triggered
             job_id = self.request_training(event.project, reason=event.action) if due else None
         except RedisError as exc:
             raise QueueUnavailable(f"Redis is unreachable ({exc.__class__.__name__}): event not recorded, retry later") from exc
         return Recorded(event_id=event_id, training_job=job_id, read_values=values)
+
+    def _admit(self, project: str) -> None:
+        """A 403 for a project beyond DATAENGINE_MAX_PROJECTS (each known project holds an event stream)."""
+        if project in self._admitted:
+            return
+        if not self.redis.eval(_ADMIT_PROJECT, 1, key("projects"), project, self.max_projects):
+            raise RequestError(
+                f"project {project} is new and {self.max_projects} projects are known already; the limit is "
+                f"{self.max_projects} (DATAENGINE_MAX_PROJECTS)", 403,
+            )
+        self._admitted.add(project)
 
     def _append(self, event: FeedbackEvent, read_keys: list[str]) -> tuple[str, bool, list]:
         """(event id, training due, values of `read_keys`). No MULTI/EXEC: if the connection drops halfway, the

@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     max_entities: int = Field(16, ge=1)
     rm_weight: float = Field(0.8, ge=0.0, le=1.0)  # share of the reward model in the reranked score
     predict_concurrency: int = Field(16, ge=1)  # tasks of one /predict sent to the engine at once
+    max_predict_tasks: int = Field(1000, ge=1)  # more tasks in one /predict: 413 (use POST /prelabel)
     prelabel_concurrency: int = Field(64, ge=1)  # `dataengine prelabel`: tasks in flight to the engine at once
     prelabel_batch_size: int = Field(100, ge=1, le=1000)  # `dataengine prelabel`: predictions per bulk upload
 
@@ -74,7 +75,8 @@ class Settings(BaseSettings):
     image_max_bytes: int = Field(10 * 1024 * 1024, ge=1)  # per image; bigger gives 413
     image_max_pixels: int = Field(40_000_000, ge=1)  # width x height; bigger gives 413
     image_max_side: int = Field(1024, ge=16)  # longer sides are scaled down before the engine sees the image
-    image_fetch_timeout: float = Field(10.0, gt=0)  # seconds per image download
+    image_fetch_timeout: float = Field(10.0, gt=0)  # seconds per image download, redirects included
+    image_memory_budget: int = Field(1024 * 1024 * 1024, ge=1024 * 1024)  # bytes of decoded images at once, per process
     allow_private_urls: bool = False  # SSRF guard off: image URLs may point at private/loopback addresses
     local_files_root: str = Field(
         "", validation_alias=AliasChoices("DATAENGINE_LOCAL_FILES_ROOT", "LOCAL_FILES_DOCUMENT_ROOT")
@@ -88,6 +90,7 @@ class Settings(BaseSettings):
     lock_ttl: int = Field(60, ge=2)  # per-project training/prelabel lock: lapses this long after its job died
     retry_intervals: str = "10,60,300"  # seconds between retries of a failed training job (one per retry)
     queue_name: str = "dataengine"
+    max_projects: int = Field(1000, ge=1)  # distinct projects /setup and /webhook accept (disk and Redis per project)
     run_worker: bool = True  # `dataengine serve` also starts an RQ worker (set 0 when workers run elsewhere)
 
     # training rounds
