@@ -9,9 +9,9 @@ import subprocess
 import sys
 import tempfile
 
-from .logs import configure_logging, redact_url, server_logconfig
 from pydantic import ValidationError
 
+from .logs import configure_logging, redact_url, server_logconfig
 from .settings import Settings, configuration_error, get_settings
 
 log = logging.getLogger("dataengine")
@@ -99,13 +99,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dataengine")
     add_serving_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
+    if start_logging() is None:
+        return 2
+    return run_serving_command(args) or 0
+
+
+def start_logging() -> Settings | None:
+    """The settings, with logging configured from them; None (the problem printed, values left out) when the
+    environment holds settings that cannot be used."""
     try:
         settings = get_settings()
     except ValidationError as exc:
         print(f"error: {configuration_error(exc)}", file=sys.stderr)
-        return 2
+        return None
     configure_logging(settings.log_level, settings.log_format)
-    return run_serving_command(args) or 0
+    return settings
 
 
 if __name__ == "__main__":

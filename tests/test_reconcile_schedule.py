@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from tests.conftest import REPO, flushed_redis, redis_db
+from tests.conftest import REPO, flushed_redis, redis_db, stop_process
 
 REDIS_URL = redis_db(15)  # this file's own database, flushed per test
 QUEUE = "dataengine"
@@ -30,15 +30,6 @@ def start_worker(log_path: Path, interval: int) -> subprocess.Popen:
     with open(log_path, "wb") as out:
         return subprocess.Popen([sys.executable, "-m", "training.cli", "worker"], cwd=REPO, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
-
-
-def stop(worker: subprocess.Popen) -> None:
-    worker.terminate()
-    try:
-        worker.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-        worker.wait()
 
 
 def reconcile_runs(log_path: Path) -> list[str]:
@@ -62,7 +53,7 @@ def test_reconcile_runs_again_and_again_with_a_short_interval(tmp_path, redis):
     try:
         runs = wait_until(lambda: len(reconcile_runs(log_path)) >= 3, timeout=60)
     finally:
-        stop(worker)
+        stop_process(worker)
     assert runs, f"reconcile ran {len(reconcile_runs(log_path))} times in 60 s:\n{log_path.read_text()[-3000:]}"
 
 
@@ -81,7 +72,7 @@ def test_the_next_reconcile_survives_an_interval_longer_than_rqs_result_ttl(tmp_
         redis.zadd(f"rq:scheduled:{QUEUE}", {job_id: time.time()})
         second = wait_until(lambda: len(reconcile_runs(log_path)) >= 2, timeout=30)
     finally:
-        stop(worker)
+        stop_process(worker)
     assert second, log_path.read_text()[-3000:]
     runs = reconcile_runs(log_path)
     assert runs[1] == job_id and runs[0] != runs[1]
@@ -93,7 +84,7 @@ def test_a_second_worker_start_does_not_start_a_second_chain(tmp_path, redis):
         assert wait_until(lambda: redis.zcard(f"rq:scheduled:{QUEUE}") == 1, timeout=60), (tmp_path / "first.log").read_text()
         second = start_worker(tmp_path / "second.log", interval=600)
         time.sleep(5)
-        stop(second)
+        stop_process(second)
     finally:
-        stop(first)
+        stop_process(first)
     assert reconcile_runs(tmp_path / "second.log") == [] and redis.zcard(f"rq:scheduled:{QUEUE}") == 1

@@ -5,10 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from backend.cli import add_serving_commands, configure_logging, run_serving_command
-from backend.settings import configuration_error, get_settings
+from backend.cli import add_serving_commands, run_serving_command, start_logging
+from backend.settings import get_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,12 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        settings = get_settings()
-    except ValidationError as exc:
-        print(f"error: {configuration_error(exc)}", file=sys.stderr)
+    if start_logging() is None:
         return 2
-    configure_logging(settings.log_level, settings.log_format)
     if args.command == "make-tiny-model":
         from .tiny_model import build_tiny_model
 
