@@ -7,12 +7,13 @@ import logging
 import time
 from typing import Any
 
+import httpx
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import label_studio, metrics, quality
 from .engine_client import EngineClient
-from .errors import BadRequest, RequestError
+from .errors import BadRequest, PayloadTooLarge, RequestError
 from .feedback import HANDLED_ACTIONS, parse_webhook
 from .images import LabelStudioAccess
 from .jobs import FeedbackQueue
@@ -27,6 +28,7 @@ from .settings import Settings, get_settings
 log = logging.getLogger(__name__)
 OPEN_ENDPOINTS = {"health"}  # reachable without basic auth (container health checks)
 SECRET_HEADER = "X-Dataengine-Secret"
+MAX_JSON_DEPTH = 64  # Label Studio's bodies nest about 8 deep; deeper is refused before any code walks it
 
 
 def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> Flask:
@@ -60,10 +62,13 @@ class Services:
 
 
 def read_json_object() -> dict[str, Any]:
-    """The request body as a JSON object, or a 4xx naming what is wrong with it."""
+    """The request body as a JSON object, or a 4xx naming what is wrong with it. Only `application/json`:
+    a cross-site HTML form can post text/plain, urlencoded or multipart bodies, never JSON."""
     raw = request.get_data(cache=False)
     if not raw:
         raise BadRequest("request body is empty; expected a JSON object")
+    if request.mimetype != "application/json":
+        raise RequestError(f"Content-Type must be application/json, got {request.mimetype or 'none'!r}", 415)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -72,9 +77,36 @@ def read_json_object() -> dict[str, Any]:
         body = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except RecursionError as exc:
+        raise BadRequest(f"request body is nested too deeply (more than {MAX_JSON_DEPTH} levels)") from exc
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise BadRequest(f"request body is nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     return body
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion (a deep value must not exhaust the stack here either)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def text_field(body: dict[str, Any], *names: str) -> str:
+    """The first of `names` the body holds (absent, null or "": ""); a 400 naming it when it is not a string."""
+    for name in names:
+        value = body.get(name)
+        if value in (None, ""):
+            continue
+        if not isinstance(value, str):
+            raise BadRequest(f"'{name}' must be a string, got {type(value).__name__}")
+        return value
+    return ""
 
 
 def _install_hooks(app: Flask, settings: Settings) -> None:
@@ -86,7 +118,7 @@ def _install_hooks(app: Flask, settings: Settings) -> None:
             and settings.webhook_secret
             and hmac.compare_digest(request.headers.get(SECRET_HEADER, "").encode(), settings.webhook_secret.encode())
         )
-        if settings.basic_auth_user and request.endpoint not in OPEN_ENDPOINTS and not secret_ok:
+        if settings.auth_configured and request.endpoint not in OPEN_ENDPOINTS and not secret_ok:
             auth = request.authorization
             ok = (
                 auth is not None
@@ -145,24 +177,25 @@ def _install_routes(app: Flask, services: Services) -> None:
     def setup():
         body = read_json_object()
         project = project_id_from(body.get("project"))
+        services.projects.check_room_for(project, settings.max_projects)
         stored = services.projects.get(project)
-        schema = body.get("schema") or body.get("label_config") or stored.label_config
+        schema = text_field(body, "schema", "label_config") or stored.label_config
+        hostname, access_token = text_field(body, "hostname"), text_field(body, "access_token")
         if schema:
             _compile_any(schema, settings)  # 4xx now, not at the first /predict
         overrides = _parse_extra_params(body.get("extra_params"))
-        # Configured values win: Label Studio's `hostname` is often localhost as seen from its own
-        # container, and its `access_token` is a legacy token that 1.23 may refuse.
-        url = settings.label_studio_url or body.get("hostname") or ""
-        token = settings.label_studio_api_key or body.get("access_token") or ""
-        instructions = label_studio.fetch_instructions(url, token, project)
+        hostname, access_token = bind_token(stored, hostname, access_token)
+        access = _label_studio_access(settings, hostname, access_token)
+        guarded = not (access.trusted or settings.allow_private_urls)
+        instructions = label_studio.fetch_instructions(access.url, access.token, project, guarded=guarded)
         updated = ProjectSettings(
             candidates=overrides.get("candidates", stored.candidates),
             temperature=overrides.get("temperature", stored.temperature),
             instructions=stored.instructions if instructions is None else instructions,
             label_config=schema or "",
             extra={**stored.extra, **overrides},
-            label_studio_hostname=str(body.get("hostname") or stored.label_studio_hostname),
-            label_studio_token=str(body.get("access_token") or stored.label_studio_token),
+            label_studio_hostname=hostname,
+            label_studio_token=access_token,
         )
         if updated != stored:
             services.projects.save(project, updated)
@@ -174,9 +207,14 @@ def _install_routes(app: Flask, services: Services) -> None:
         tasks = body.get("tasks")
         if not isinstance(tasks, list) or not tasks:
             raise BadRequest("'tasks' must be a non-empty list of Label Studio tasks")
+        if len(tasks) > settings.max_predict_tasks:
+            raise PayloadTooLarge(
+                f"{len(tasks)} tasks in one /predict; the limit is {settings.max_predict_tasks} "
+                "(DATAENGINE_MAX_PREDICT_TASKS): pre-label a whole project with POST /prelabel or `dataengine prelabel`"
+            )
         project = project_id_from(body.get("project"))
         stored = services.projects.get(project)
-        schema = body.get("label_config") or stored.label_config
+        schema = text_field(body, "label_config") or stored.label_config
         if not schema:
             raise BadRequest("'label_config' is missing and /setup has not been called for this project")
         params = body.get("params") if isinstance(body.get("params"), dict) else {}
@@ -191,7 +229,7 @@ def _install_routes(app: Flask, services: Services) -> None:
             candidates=overrides.get("candidates") or stored.candidates or settings.candidates,
             temperature=overrides.get("temperature") or stored.temperature or settings.temperature,
             instructions=stored.instructions,
-            label_studio=_label_studio_access(settings, stored),
+            label_studio=_label_studio_access(settings, stored.label_studio_hostname, stored.label_studio_token),
             project=project,
         )
         outcome = services.predictor.predict_each(predict_request)
@@ -244,7 +282,7 @@ def _install_routes(app: Flask, services: Services) -> None:
     def jobs():
         return jsonify(jobs=services.queue.list_jobs(_int_arg("limit", 50, 1, 1000)))
 
-    @app.get("/jobs/<job_id>")
+    @app.get("/jobs/<path:job_id>")
     def job(job_id: str):
         found = services.queue.get_job(job_id)
         if found is None:
@@ -295,12 +333,29 @@ def _count_quality(project: str, created: list[quality.CreatedAnnotation], serve
         log.warning("quality signal: annotation outcome not counted: %s", exc)
 
 
-def _label_studio_access(settings: Settings, stored: ProjectSettings) -> LabelStudioAccess:
-    """Configured LABEL_STUDIO_URL / _API_KEY win over what /setup sent; only a configured URL is trusted
-    by the images' SSRF guard (a /setup body cannot point the backend at a private host)."""
-    url = settings.label_studio_url or stored.label_studio_hostname
-    token = settings.label_studio_api_key or stored.label_studio_token
-    return LabelStudioAccess(url=url, token=token, trusted=bool(settings.label_studio_url))
+def bind_token(stored: ProjectSettings, hostname: str, token: str) -> tuple[str, str]:
+    """The (hostname, token) pair to keep from a /setup: a token stays bound to the Label Studio it came with,
+    so a /setup naming another host without a token of its own drops the stored one."""
+    if hostname and _origin(hostname) != _origin(stored.label_studio_hostname):
+        return hostname, token
+    return hostname or stored.label_studio_hostname, token or stored.label_studio_token
+
+
+def _origin(url: str) -> str:
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return url
+    return f"{parsed.scheme}://{parsed.netloc.decode('ascii').lower()}"
+
+
+def _label_studio_access(settings: Settings, hostname: str, token: str) -> LabelStudioAccess:
+    """Where to read Label Studio, with which token. A configured LABEL_STUDIO_URL wins over the /setup
+    `hostname` (often localhost as seen from Label Studio's own container) and is the only host trusted by the
+    SSRF guard; LABEL_STUDIO_API_KEY goes to that URL only, never to a host a /setup body named."""
+    if settings.label_studio_url:
+        return LabelStudioAccess(url=settings.label_studio_url, token=settings.label_studio_api_key or token, trusted=True)
+    return LabelStudioAccess(url=hostname, token=token, trusted=False)
 
 
 def _empty_prediction(model_version: str) -> dict[str, Any]:

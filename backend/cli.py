@@ -9,8 +9,10 @@ import subprocess
 import sys
 import tempfile
 
-from .logs import configure_logging, server_logconfig
-from .settings import Settings, get_settings
+from pydantic import ValidationError
+
+from .logs import configure_logging, redact_url, server_logconfig
+from .settings import Settings, configuration_error, get_settings
 
 log = logging.getLogger("dataengine")
 ACCESS_LOG_FORMAT = '%(addr)s "%(method)s %(path)s %(protocol)s" %(status)d %(dt_ms).1fms'
@@ -29,6 +31,12 @@ def serve(settings: Settings) -> int:
         except EngineStartError as exc:
             log.error("%s", exc)
             return 2
+    if not settings.auth_configured:
+        log.warning(
+            "no authentication: BASIC_AUTH_USER/BASIC_AUTH_PASS are not set, so anyone who reaches %s:%d can call "
+            "/setup, /predict, /prelabel and /webhook (the compose file publishes this port); set them, or keep "
+            "the port on a private network", settings.host, settings.port,
+        )
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="dataengine-metrics-"))
     get_settings.cache_clear()
     worker = start_worker() if settings.run_worker else None
@@ -45,7 +53,7 @@ def serve(settings: Settings) -> int:
 
 def start_worker() -> subprocess.Popen:
     """The RQ worker as a child process (started by module name: backend never imports training)."""
-    log.info("starting the RQ worker (REDIS_URL=%s)", get_settings().redis_url)
+    log.info("starting the RQ worker (REDIS_URL=%s)", redact_url(get_settings().redis_url))
     return subprocess.Popen([sys.executable, "-m", "training.cli", "worker"])
 
 
@@ -91,8 +99,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dataengine")
     add_serving_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    configure_logging(get_settings().log_level, get_settings().log_format)
+    if start_logging() is None:
+        return 2
     return run_serving_command(args) or 0
+
+
+def start_logging() -> Settings | None:
+    """The settings, with logging configured from them; None (the problem printed, values left out) when the
+    environment holds settings that cannot be used."""
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        print(f"error: {configuration_error(exc)}", file=sys.stderr)
+        return None
+    configure_logging(settings.log_level, settings.log_format)
+    return settings
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ References a task can hold (the value of `<Image value="$field">`):
     LOCAL_FILES_DOCUMENT_ROOT.
   * plain `http(s)://` URLs, and `data:image/...;base64,` URIs.
 
-SSRF guard (like Label Studio's own): a URL whose host resolves to a non-public address (loopback,
-private, link-local, reserved ...) is refused unless DATAENGINE_ALLOW_PRIVATE_URLS is set; the host of the
-configured LABEL_STUDIO_URL is trusted. Redirects are followed by hand so every hop is checked, and the
-token is only ever sent to the Label Studio host.
+SSRF guard (like Label Studio's own; backend/ssrf.py): a URL whose host resolves to a non-public address
+(loopback, private, link-local, reserved, or an IPv6 form embedding one) is refused unless
+DATAENGINE_ALLOW_PRIVATE_URLS is set; the host of the configured LABEL_STUDIO_URL is trusted. The guard checks
+the host httpx connects to and pins the connection to the address it checked (no DNS rebinding). Redirects
+are followed by hand so every hop is checked, and the token is only ever sent to the Label Studio host.
 
 Every problem is a `RequestError` with a 4xx status naming the task and the problem; the predictor reports
 it for that task only. The engine gets the image as a PNG data URI (no second fetch, no engine-side SSRF),
@@ -22,16 +23,19 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import ipaddress
-import socket
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urljoin, urlparse
+from typing import Iterator
+from urllib.parse import parse_qs, unquote, urljoin, urlparse, urlsplit
 
 import httpx
 from PIL import Image, UnidentifiedImageError
 
 from .errors import RequestError
+from .ssrf import BlockedDestination, GuardedTransport, is_public_address  # noqa: F401 (is_public_address: re-exported)
 from .thread_transport import PerThreadTransport
 
 # Formats Pillow decodes that vision-language processors handle; anything else is a 415.
@@ -70,6 +74,7 @@ class ImageLimits:
     timeout: float = 10.0
     allow_private: bool = False
     local_files_root: str = ""
+    memory_budget: int = 1024 * 1024 * 1024  # bytes of decoded images held at once by one fetcher (process)
 
     @classmethod
     def from_settings(cls, settings) -> "ImageLimits":
@@ -80,6 +85,7 @@ class ImageLimits:
             timeout=settings.image_fetch_timeout,
             allow_private=settings.allow_private_urls,
             local_files_root=str(settings.local_files_root or ""),
+            memory_budget=settings.image_memory_budget,
         )
 
 
@@ -94,7 +100,11 @@ class LabelStudioAccess:
 
     @property
     def netloc(self) -> str:
-        return urlparse(self.url).netloc if self.url else ""
+        """Label Studio's host:port as httpx sends it (IDNA 2008), to compare with image URLs'."""
+        try:
+            return httpx.URL(self.url).netloc.decode("ascii") if self.url else ""
+        except httpx.InvalidURL:
+            return ""
 
     def auth_header(self) -> dict[str, str]:
         if not self.token:
@@ -123,17 +133,47 @@ class RawImage:
     mime: str  # what the source declared (Content-Type, data URI); "" when unknown
 
 
+class MemoryBudget:
+    """Bytes of decoded images the threads of a process may hold at once: a decode waits for room. Thread-safe."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.in_use = 0
+        self.peak = 0
+        self._room = threading.Condition()
+
+    @contextmanager
+    def reserve(self, nbytes: int, where: str) -> Iterator[None]:
+        if nbytes > self.total:
+            raise ImageTooLarge(
+                f"{where}: decoding it takes about {nbytes} bytes, more than the whole budget of {self.total} "
+                "(DATAENGINE_IMAGE_MEMORY_BUDGET)"
+            )
+        with self._room:
+            self._room.wait_for(lambda: self.in_use + nbytes <= self.total)
+            self.in_use += nbytes
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._room:
+                self.in_use -= nbytes
+                self._room.notify_all()
+
+
 class ImageFetcher:
     """Thread-safe: one per process, shared by the predictor's threads."""
 
     def __init__(self, limits: ImageLimits):
         self.limits = limits
-        self._http = httpx.Client(timeout=httpx.Timeout(limits.timeout), follow_redirects=False, transport=PerThreadTransport())
+        self.budget = MemoryBudget(limits.memory_budget)
+        transport = GuardedTransport(PerThreadTransport())  # every hop's host checked and pinned (backend/ssrf.py)
+        self._http = httpx.Client(timeout=httpx.Timeout(limits.timeout), follow_redirects=False, transport=transport)
 
     def prepare(self, reference: str, access: LabelStudioAccess, where: str) -> PreparedImage:
         """Fetch, validate and re-encode the image `reference`; `where` names it in errors ("task 3 image 'img'")."""
         raw = self.fetch(reference, access, where)
-        return decode_image(raw, self.limits, where, reference)
+        return decode_image(raw, self.limits, where, reference, self.budget)
 
     # --- fetching ----------------------------------------------------------------------------------
     def fetch(self, reference: str, access: LabelStudioAccess, where: str) -> RawImage:
@@ -142,7 +182,7 @@ class ImageFetcher:
             return read_data_uri(ref, self.limits.max_bytes, where)
         if ref.startswith("/"):
             return self._fetch_label_studio_path(ref, access, where)
-        scheme = urlparse(ref).scheme.lower()
+        scheme = ref.split(":", 1)[0].lower() if ":" in ref else ""
         if scheme in ("http", "https"):
             return self._fetch_url(ref, access, where)
         if scheme in ("s3", "gs", "azure-blob"):
@@ -182,22 +222,43 @@ class ImageFetcher:
             raise ImageError(f"{where}: cannot read local file {relative!r}: {exc.strerror or exc}") from exc
 
     def _fetch_url(self, url: str, access: LabelStudioAccess, where: str) -> RawImage:
+        """DATAENGINE_IMAGE_FETCH_TIMEOUT bounds the whole download, redirects included (httpx's own timeouts are
+        per connect/read: a server dripping a byte a second would never hit them)."""
+        deadline = time.monotonic() + self.limits.timeout
         for _ in range(MAX_REDIRECTS + 1):
-            self._check_destination(url, access, where)
-            headers = access.auth_header() if urlparse(url).netloc == access.netloc else {}
+            netloc = parse_http_url(url, where).netloc.decode("ascii")
+            to_label_studio = netloc == access.netloc
+            headers = access.auth_header() if to_label_studio else {}
+            trusted = self.limits.allow_private or (access.trusted and to_label_studio)
             try:
-                with self._http.stream("GET", url, headers=headers) as response:
+                remaining = self._remaining(deadline, url, where)
+                extensions = {GuardedTransport.TRUSTED: trusted}
+                with self._http.stream("GET", url, headers=headers, timeout=remaining, extensions=extensions) as response:
                     if response.is_redirect and response.headers.get("location"):
-                        url = urljoin(url, response.headers["location"])
+                        url = _redirect_target(url, response.headers["location"], where)
                         continue
                     if response.status_code >= 400:
                         raise ImageError(f"{where}: fetching {_short(url)} answered HTTP {response.status_code}")
-                    return RawImage(self._read_capped(response, where), _mime(response.headers.get("content-type", "")))
+                    return RawImage(self._read_capped(response, where, deadline), _mime(response.headers.get("content-type", "")))
+            except BlockedDestination as exc:
+                raise ForbiddenImageUrl(
+                    f"{where}: {_short(url)} resolves to the non-public address {exc.address}; requests to private "
+                    "networks are refused (set DATAENGINE_ALLOW_PRIVATE_URLS=true to allow them, or LABEL_STUDIO_URL "
+                    "when the image is on Label Studio)"
+                ) from exc
             except httpx.HTTPError as exc:
                 raise ImageError(f"{where}: cannot fetch {_short(url)}: {exc.__class__.__name__}: {exc}") from exc
         raise ImageError(f"{where}: more than {MAX_REDIRECTS} redirects fetching {_short(url)}")
 
-    def _read_capped(self, response: httpx.Response, where: str) -> bytes:
+    def _remaining(self, deadline: float, url: str, where: str) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ImageError(
+                f"{where}: fetching {_short(url)} took longer than {self.limits.timeout:g} s (DATAENGINE_IMAGE_FETCH_TIMEOUT)"
+            )
+        return remaining
+
+    def _read_capped(self, response: httpx.Response, where: str, deadline: float) -> bytes:
         limit = self.limits.max_bytes
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -207,43 +268,37 @@ class ImageFetcher:
             body += chunk
             if len(body) > limit:
                 raise ImageTooLarge(f"{where}: more than {limit} bytes (DATAENGINE_IMAGE_MAX_BYTES)")
+            self._remaining(deadline, str(response.url), where)
         return bytes(body)
-
-    def _check_destination(self, url: str, access: LabelStudioAccess, where: str) -> None:
-        parsed = urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ImageError(f"{where}: {_short(url)} is not an http(s) URL")
-        if self.limits.allow_private or (access.trusted and parsed.netloc == access.netloc):
-            return
-        for address in resolve_host(parsed.hostname, parsed.port, where):
-            if not is_public_address(address):
-                raise ForbiddenImageUrl(
-                    f"{where}: {_short(url)} resolves to the non-public address {address}; requests to private "
-                    "networks are refused (set DATAENGINE_ALLOW_PRIVATE_URLS=true to allow them, or LABEL_STUDIO_URL "
-                    "when the image is on Label Studio)"
-                )
 
     def close(self) -> None:
         self._http.close()
 
 
-# --- address checks --------------------------------------------------------------------------------
-
-
-def resolve_host(host: str, port: int | None, where: str) -> list[str]:
+def parse_http_url(url: str, where: str) -> httpx.URL:
+    """`url` parsed the way httpx will send it; a 422 naming the problem when it cannot be fetched at all."""
     try:
-        infos = socket.getaddrinfo(host, port or 80, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise ImageError(f"{where}: cannot resolve host {host!r}: {exc}") from exc
-    return sorted({info[4][0] for info in infos})
+        urlsplit(url).port  # the standard library's parser must accept it too: it rejects "[x" and bad ports
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise ImageError(f"{where}: {_short(url)} is not a valid URL: {exc}") from exc
+    if parsed.scheme not in ("http", "https"):
+        raise ImageError(f"{where}: {_short(url)} is not an http(s) URL")
+    if not parsed.host:
+        raise ImageError(f"{where}: {_short(url)} is not a valid URL: it names no host")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise ImageError(f"{where}: {_short(url)} is not a valid URL: port {parsed.port} is out of range 1-65535")
+    return parsed
 
 
-def is_public_address(address: str) -> bool:
-    """A globally routable unicast address (IPv4-mapped IPv6 judged by its IPv4 address)."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+def _redirect_target(url: str, location: str, where: str) -> str:
+    try:
+        return urljoin(url, location)
+    except ValueError as exc:
+        raise ImageError(f"{where}: fetching {_short(url)} redirected to an invalid URL: {exc}") from exc
+
+
+# --- address checks --------------------------------------------------------------------------------
 
 
 # --- decoding --------------------------------------------------------------------------------------
@@ -262,8 +317,17 @@ def read_data_uri(uri: str, max_bytes: int, where: str) -> RawImage:
     return RawImage(data, _mime(header[len("data:"):].split(";", 1)[0]))
 
 
-def decode_image(raw: RawImage, limits: ImageLimits, where: str, reference: str = "") -> PreparedImage:
-    """Validate type, dimensions and integrity with Pillow; scale down and re-encode as PNG."""
+def decoded_bytes(width: int, height: int) -> int:
+    """What decoding and re-encoding an image may hold at once: the decoded pixels and their RGB copy, at up to
+    4 bytes a pixel each."""
+    return width * height * 8
+
+
+def decode_image(
+    raw: RawImage, limits: ImageLimits, where: str, reference: str = "", budget: MemoryBudget | None = None
+) -> PreparedImage:
+    """Validate type, dimensions and integrity with Pillow; scale down and re-encode as PNG. The decode waits
+    for room in `budget` (the header gives the size before any pixel is decoded)."""
     allowed = sorted(ALLOWED_FORMATS.values())
     if raw.mime not in NEUTRAL_MIME_TYPES and raw.mime not in allowed:
         raise UnsupportedImageType(f"{where}: type {raw.mime!r} is not supported; allowed: {', '.join(allowed)}")
@@ -277,12 +341,13 @@ def decode_image(raw: RawImage, limits: ImageLimits, where: str, reference: str 
         raise ImageError(f"{where}: the bytes are not a readable image (corrupt or not an image): {exc}") from exc
     with image:
         _check_format_and_size(image, limits, where)
-        try:
-            image.load()
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise ImageError(f"{where}: the {image.format} image is corrupt: {exc}") from exc
         width, height = image.size
-        return PreparedImage(reference=reference, width=width, height=height, png=_engine_png(image, limits.max_side))
+        with (budget or MemoryBudget(limits.memory_budget)).reserve(decoded_bytes(width, height), where):
+            try:
+                image.load()
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                raise ImageError(f"{where}: the {image.format} image is corrupt: {exc}") from exc
+            return PreparedImage(reference=reference, width=width, height=height, png=_engine_png(image, limits.max_side))
 
 
 def _check_format_and_size(image: Image.Image, limits: ImageLimits, where: str) -> None:

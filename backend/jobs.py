@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -19,9 +20,9 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
-from rq.job import Job, JobStatus
+from rq.job import Job, JobStatus, validate_job_id
 
-from .errors import RequestError
+from .errors import BadRequest, RequestError
 from .feedback import FeedbackEvent
 
 PREFIX = "dataengine:"
@@ -29,6 +30,14 @@ TRAIN_FUNC = "training.jobs.run_training_round"
 RECONCILE_FUNC = "training.jobs.reconcile"
 EVENTS_MAXLEN = 100_000
 ACTIVE = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.STARTED}
+
+# Admit a project: already known, or room for one more (then it is added); returns 1 when admitted.
+_ADMIT_PROJECT = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+"""
 
 # Atomically add to the change counter and reset it when it reaches the threshold; returns 1 on trigger.
 _COUNT_AND_TRIGGER = """
@@ -40,6 +49,15 @@ return 0
 
 class QueueUnavailable(RequestError):
     status = 503
+
+
+@contextmanager
+def redis_needed(what: str):
+    """Redis errors inside become a 503 naming what could not be done."""
+    try:
+        yield
+    except RedisError as exc:
+        raise QueueUnavailable(f"Redis is unreachable ({exc.__class__.__name__}): {what}, retry later") from exc
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,7 @@ class FeedbackQueue:
             job_timeout=settings.job_timeout,
             queue_name=settings.queue_name,
             retry_intervals=settings.retry_schedule,
+            max_projects=settings.max_projects,
         )
 
     def __init__(
@@ -72,12 +91,15 @@ class FeedbackQueue:
         job_timeout: int,
         queue_name: str = "dataengine",
         retry_intervals: list[int] | None = None,
+        max_projects: int = 1000,
     ):
         self.redis = Redis.from_url(redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
         self.queue = Queue(queue_name, connection=self.redis)
         self.train_every = train_every
         self.job_timeout = job_timeout
         self.retry_intervals = retry_intervals if retry_intervals is not None else [10, 60, 300]
+        self.max_projects = max_projects
+        self._admitted: set[str] = set()  # projects this process saw admitted (no round trip for them)
 
     def ping(self) -> bool:
         try:
@@ -92,12 +114,24 @@ class FeedbackQueue:
         `read_keys` are read (MGET) in the same round trip, for bookkeeping that needs them (quality signal):
         a webhook costs one round trip to Redis unless it starts a training job."""
         try:
+            self._admit(event.project)
             event_id, triggered, values = self._append(event, list(read_keys))
             due = event.action == "START_TRAINING" or triggered
             job_id = self.request_training(event.project, reason=event.action) if due else None
         except RedisError as exc:
             raise QueueUnavailable(f"Redis is unreachable ({exc.__class__.__name__}): event not recorded, retry later") from exc
         return Recorded(event_id=event_id, training_job=job_id, read_values=values)
+
+    def _admit(self, project: str) -> None:
+        """A 403 for a project beyond DATAENGINE_MAX_PROJECTS (each known project holds an event stream)."""
+        if project in self._admitted:
+            return
+        if not self.redis.eval(_ADMIT_PROJECT, 1, key("projects"), project, self.max_projects):
+            raise RequestError(
+                f"project {project} is new and {self.max_projects} projects are known already; the limit is "
+                f"{self.max_projects} (DATAENGINE_MAX_PROJECTS)", 403,
+            )
+        self._admitted.add(project)
 
     def _append(self, event: FeedbackEvent, read_keys: list[str]) -> tuple[str, bool, list]:
         """(event id, training due, values of `read_keys`). No MULTI/EXEC: if the connection drops halfway, the
@@ -117,7 +151,8 @@ class FeedbackQueue:
         return event_id, bool(rest and rest[0]), values
 
     def recent_events(self, project: str, limit: int = 100) -> list[dict[str, Any]]:
-        entries = self.redis.xrevrange(key("events", project), count=limit)
+        with redis_needed("events not read"):
+            entries = self.redis.xrevrange(key("events", project), count=limit)
         events = []
         for event_id, fields in reversed(entries):
             record = {k.decode(): _decode_field(v) for k, v in fields.items()}
@@ -166,6 +201,10 @@ class FeedbackQueue:
 
     # --- job views ------------------------------------------------------------------------------------
     def list_jobs(self, limit: int = 50) -> list[dict[str, Any]]:
+        with redis_needed("jobs not listed"):
+            return self._list_jobs(limit)
+
+    def _list_jobs(self, limit: int) -> list[dict[str, Any]]:
         ids: list[str] = []
         registries = [
             self.queue.started_job_registry,
@@ -182,8 +221,14 @@ class FeedbackQueue:
         return [describe_job(job) for job in jobs[:limit]]
 
     def get_job(self, job_id: str) -> dict[str, Any] | None:
+        """The job's view; None when there is no such job; a 400 when `job_id` cannot be a job id."""
         try:
-            return describe_job(Job.fetch(job_id, connection=self.redis))
+            validate_job_id(job_id)
+        except ValueError as exc:
+            raise BadRequest(f"malformed job id {job_id[:80]!r}: {exc}") from exc
+        try:
+            with redis_needed("job not read"):
+                return describe_job(Job.fetch(job_id, connection=self.redis))
         except NoSuchJobError:
             return None
 

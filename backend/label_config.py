@@ -15,14 +15,15 @@ import json
 import re
 import sys
 from dataclasses import dataclass, field
-from functools import lru_cache
 from html.parser import HTMLParser
 from typing import Any
 
 from label_studio_sdk.label_interface import LabelInterface
 
+from .bounded_cache import bytes_bounded_cache
 from .errors import InvalidTaskData, PayloadTooLarge, UnsupportedLabelConfig
 
+CONFIG_CACHE_BYTES = 64 * 1024 * 1024  # compiled configs kept, weighed by their XML (clients send configs)
 TEXT_OBJECT_TAGS = {"Text", "HyperText"}
 IMAGE_OBJECT_TAGS = {"Image"}
 IMAGE_CONTROLS = ("Choices", "Rating", "TextArea")  # what an <Image> can be pre-annotated with
@@ -428,7 +429,7 @@ def compile_label_config(xml: str, instructions: str = "", *, settings=None) -> 
     )
 
 
-@lru_cache(maxsize=256)
+@bytes_bounded_cache(CONFIG_CACHE_BYTES)
 def _compile_cached(xml: str, instructions: str, textarea_max: int, max_entities: int, ngram_max: int) -> CompiledConfig:
     if not isinstance(xml, str) or not xml.strip():
         raise UnsupportedLabelConfig("label_config is empty")

@@ -29,11 +29,12 @@ class PrelabelRequest:
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> "PrelabelRequest":
         """`POST /prelabel` body: {"project": ID, "force"?: bool, "limit"?: int >= 1, "tasks"?: [task ids]}."""
-        if body.get("project") in (None, ""):
+        raw = body.get("project")
+        if raw in (None, ""):
             raise BadRequest("'project' is required: the Label Studio project id to pre-label")
-        project = project_id_from(body["project"])
-        if not project.isdigit():
-            raise BadRequest(f"'project' must be a numeric Label Studio project id, got {body['project']!r}")
+        if isinstance(raw, bool) or not isinstance(raw, (int, str)) or not str(raw).isdigit():
+            raise BadRequest(f"'project' must be a numeric Label Studio project id, got {str(raw)[:80]!r}")
+        project = project_id_from(raw)
         force = body.get("force", False)
         if not isinstance(force, bool):
             raise BadRequest(f"'force' must be true or false, got {force!r}")

@@ -22,11 +22,11 @@ import difflib
 import hashlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from typing import Any
 
+from .bounded_cache import bytes_bounded_cache
 from .errors import InvalidTaskData, UnsupportedLabelConfig
-from .label_config import SUPPORTED_CONTROLS, CompiledConfig, TextAreaControl, TextObject, compile_label_config, html_to_text
+from .label_config import CONFIG_CACHE_BYTES, SUPPORTED_CONTROLS, CompiledConfig, TextAreaControl, TextObject, compile_label_config, html_to_text
 from .predictor import PredictRequest, Predictor, TaskFailure
 from .prompts import reward_text
 from .registry import ServingVersion
@@ -171,7 +171,7 @@ def is_comparison_config(xml: str) -> bool:
     return bool(xml) and _has_comparison_tag(xml)
 
 
-@lru_cache(maxsize=256)
+@bytes_bounded_cache(CONFIG_CACHE_BYTES, weigh=lambda args: 256)  # keyed by the XML's digest, holds a bool
 def _has_comparison_tag(xml: str) -> bool:
     lowered = xml.lower()
     return any(f"<{tag}" in lowered for tag in COMPARISON_TAGS)
@@ -185,7 +185,7 @@ def compile_ranking_config(xml: str, *, settings=None) -> RankingConfig:
     return _compile_cached(xml, settings.textarea_max_chars, settings.max_entities, settings.span_enumerate_max)
 
 
-@lru_cache(maxsize=64)
+@bytes_bounded_cache(CONFIG_CACHE_BYTES)
 def _compile_cached(xml: str, textarea_max: int, max_entities: int, ngram_max: int) -> RankingConfig:
     root = _parse(xml)
     tags = parse_comparison_tags(root)

@@ -6,12 +6,15 @@ promotion; the backend only reads it. Without a promoted version the base model 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 CURRENT_FILE = "current.json"
 VERSIONS_DIR = "versions"
+DECISIONS_FILE = "decisions.jsonl"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,10 +31,16 @@ def base_version(model_name: str) -> ServingVersion:
 
 
 def read_version_record(path: Path) -> dict[str, Any] | None:
+    """A version's record; None when it is missing, or corrupt (logged)."""
+    record_path = Path(path) / "version.json"
     try:
-        return json.loads((Path(path) / "version.json").read_text(encoding="utf-8"))
+        record = json.loads(record_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
+    except (ValueError, UnicodeDecodeError) as exc:
+        log.error("corrupt version record %s left out: %s", record_path, exc)
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("name"), str) else None
 
 
 class VersionReader:
@@ -43,15 +52,43 @@ class VersionReader:
         path = self.projects_dir / project / CURRENT_FILE
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+            return ServingVersion(
+                name=str(data["version"]),
+                adapter=data.get("adapter"),
+                adapter_path=data.get("adapter_path"),
+                reward_model_path=data.get("reward_model_path"),
+                rm_weight=data.get("rm_weight"),
+            )
         except FileNotFoundError:
             return self.base
-        return ServingVersion(
-            name=data["version"],
-            adapter=data.get("adapter"),
-            adapter_path=data.get("adapter_path"),
-            reward_model_path=data.get("reward_model_path"),
-            rm_weight=data.get("rm_weight"),
-        )
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            fallback = self._last_promoted(project)
+            log.error("%s is corrupt (%s); serving %s, the last promoted version (the next promotion or "
+                      "`dataengine rollback` rewrites it)", path, exc, fallback.name)
+            return fallback
+
+    def _last_promoted(self, project: str) -> ServingVersion:
+        """From decisions.jsonl: the newest promoted version whose record is intact; else the base model."""
+        root = self.projects_dir / project
+        try:
+            lines = (root / DECISIONS_FILE).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            return self.base
+        for line in reversed(lines):
+            try:
+                decision = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(decision, dict) or decision.get("decision") not in ("promoted", "rollback"):
+                continue
+            if decision.get("version") == "base" and decision["decision"] == "rollback":
+                return self.base
+            record = read_version_record(root / VERSIONS_DIR / str(decision.get("version")))
+            if record is not None:
+                adapter_path = record.get("adapter_path")
+                return ServingVersion(record["name"], record.get("adapter_name") if adapter_path else None, adapter_path,
+                                      record.get("reward_model_path"), record.get("rm_weight"))
+        return self.base
 
     def versions(self, project: str) -> list[dict[str, Any]]:
         """Every published version of a project, oldest first, with `current` marking the served one."""

@@ -9,7 +9,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     rm_weight: float = Field(0.8, ge=0.0, le=1.0)  # share of the reward model in the reranked score
     calibration: str = Field("batch", pattern="^(batch|none)$")  # closed sets on the untrained model (backend/calibration.py)
     predict_concurrency: int = Field(16, ge=1)  # tasks of one /predict sent to the engine at once
+    max_predict_tasks: int = Field(1000, ge=1)  # more tasks in one /predict: 413 (use POST /prelabel)
     prelabel_concurrency: int = Field(64, ge=1)  # `dataengine prelabel`: tasks in flight to the engine at once
     prelabel_batch_size: int = Field(100, ge=1, le=1000)  # `dataengine prelabel`: predictions per bulk upload
 
@@ -75,7 +76,8 @@ class Settings(BaseSettings):
     image_max_bytes: int = Field(10 * 1024 * 1024, ge=1)  # per image; bigger gives 413
     image_max_pixels: int = Field(40_000_000, ge=1)  # width x height; bigger gives 413
     image_max_side: int = Field(1024, ge=16)  # longer sides are scaled down before the engine sees the image
-    image_fetch_timeout: float = Field(10.0, gt=0)  # seconds per image download
+    image_fetch_timeout: float = Field(10.0, gt=0)  # seconds per image download, redirects included
+    image_memory_budget: int = Field(1024 * 1024 * 1024, ge=1024 * 1024)  # bytes of decoded images at once, per process
     allow_private_urls: bool = False  # SSRF guard off: image URLs may point at private/loopback addresses
     local_files_root: str = Field(
         "", validation_alias=AliasChoices("DATAENGINE_LOCAL_FILES_ROOT", "LOCAL_FILES_DOCUMENT_ROOT")
@@ -86,8 +88,10 @@ class Settings(BaseSettings):
     train_every: int = Field(50, ge=1)  # new/changed annotations per project that trigger a training round
     reconcile_interval: int = Field(600, ge=0)  # seconds between reconcile passes (0 = off)
     job_timeout: int = Field(6 * 3600, ge=1)
+    lock_ttl: int = Field(60, ge=2)  # per-project training/prelabel lock: lapses this long after its job died
     retry_intervals: str = "10,60,300"  # seconds between retries of a failed training job (one per retry)
     queue_name: str = "dataengine"
+    max_projects: int = Field(1000, ge=1)  # distinct projects /setup and /webhook accept (disk and Redis per project)
     run_worker: bool = True  # `dataengine serve` also starts an RQ worker (set 0 when workers run elsewhere)
 
     # training rounds
@@ -104,6 +108,19 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     log_level: str = "INFO"
     log_format: str = Field("text", pattern="^(text|json)$")  # json: one JSON object per log line
+
+    @model_validator(mode="after")
+    def _whole_credentials(self) -> "Settings":
+        """Half a credential would leave auth off (only the password) or accept an empty password (only the
+        user): refuse to start instead."""
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            missing = "BASIC_AUTH_PASS" if self.basic_auth_user else "BASIC_AUTH_USER"
+            raise ValueError(f"BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together (or both left empty); {missing} is empty")
+        return self
+
+    @property
+    def auth_configured(self) -> bool:
+        return bool(self.basic_auth_user and self.basic_auth_pass)
 
     @property
     def model_name(self) -> str:
@@ -134,3 +151,10 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def configuration_error(exc: ValidationError) -> str:
+    """What is wrong with the environment, without the values (pydantic's own message repeats every input,
+    secrets included)."""
+    problems = [f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors(include_input=False, include_url=False)]
+    return "invalid configuration: " + "; ".join(problems)

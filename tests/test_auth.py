@@ -44,3 +44,57 @@ def test_unreachable_engine_is_503_with_a_message(tmp_path):
     response = app.test_client().post("/predict", json={"tasks": [{"data": {"t": "x"}}], "label_config": xml})
     assert response.status_code == 503
     assert "unreachable" in response.get_json()["error"]
+
+
+# --- fail closed (issue 15, point 5) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("user, password", [("", "s3cret"), ("ls", "")])
+def test_half_a_credential_is_refused(tmp_path, user, password):
+    with pytest.raises(ValueError, match="BASIC_AUTH_USER and BASIC_AUTH_PASS"):
+        make_settings(tmp_path, basic_auth_user=user, basic_auth_pass=password)
+
+
+@pytest.mark.parametrize("variable", ["BASIC_AUTH_USER", "BASIC_AUTH_PASS"])
+def test_serve_refuses_to_start_with_half_a_credential(tmp_path, variable):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "BASIC_AUTH_USER": "", "BASIC_AUTH_PASS": "", variable: "only-me",
+           "DATAENGINE_ENGINE_URL": "http://127.0.0.1:9", "MODEL_DIR": str(tmp_path), "DATAENGINE_RUN_WORKER": "0"}
+    done = subprocess.run([sys.executable, "-m", "training.cli", "serve"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "BASIC_AUTH_USER and BASIC_AUTH_PASS" in done.stderr and "only-me" not in done.stdout + done.stderr
+
+
+STATE_CHANGING = ["/setup", "/predict", "/webhook", "/prelabel"]
+
+
+@pytest.mark.parametrize("path", STATE_CHANGING)
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None])
+def test_state_changing_routes_need_a_json_content_type(tmp_path, path, content_type):
+    """A cross-site <form enctype="text/plain"> can POST a JSON-looking body, but never as application/json."""
+    client = create_app(make_settings(tmp_path), engine=EngineClient("http://127.0.0.1:9", "tiny")).test_client()
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = client.post(path, data=b'{"project": 1, "force": true, "x": "="}', headers=headers)
+    assert response.status_code == 415, response.get_data(as_text=True)
+    assert "application/json" in response.get_json()["error"]
+
+
+def test_json_with_a_charset_is_accepted(tmp_path):
+    client = create_app(make_settings(tmp_path), engine=EngineClient("http://127.0.0.1:9", "tiny")).test_client()
+    response = client.post("/predict", data=b"{}", headers={"Content-Type": "application/json; charset=utf-8"})
+    assert response.status_code == 400 and "'tasks'" in response.get_json()["error"]
+
+
+def test_serve_without_auth_warns_loudly(tmp_path):
+    from tests.conftest import run_backend
+
+    log_path = tmp_path / "serve.log"
+    with run_backend("http://127.0.0.1:9", tmp_path / "model_dir", log_path, {"BASIC_AUTH_USER": "", "BASIC_AUTH_PASS": ""}):
+        pass
+    assert "WARNING" in log_path.read_text() and "no authentication" in log_path.read_text()

@@ -10,6 +10,7 @@ otherwise.
 from __future__ import annotations
 
 import base64
+import socket
 import io
 import json
 import struct
@@ -408,3 +409,63 @@ def test_only_vision_models_get_the_engine_image_limits(tmp_path):
         if expected:
             limits = json.loads(command[command.index("--limit-mm-per-prompt") + 1])
             assert limits == {"image": {"count": 2, "width": 512, "height": 512}, "video": 0}
+
+
+# --- the host httpx connects to, pinned (issue 15, point 4) -----------------------------------------------
+# DNS answers cannot be controlled on this machine, so these tests replace socket.getaddrinfo with a resolver
+# that answers for a few made-up names and passes every other lookup to the real one. Python's getaddrinfo
+# encodes a non-ASCII name with the IDNA 2003 codec, and the fake does the same.
+
+PUBLIC = "93.184.216.34"
+
+
+class FakeDns:
+    def __init__(self, monkeypatch, answers: dict[str, list[str]]):
+        self.answers, self.asked = answers, []
+        self.real = socket.getaddrinfo
+        monkeypatch.setattr(socket, "getaddrinfo", self)
+
+    def __call__(self, host, port, *args, **kwargs):
+        name = host.encode("idna").decode("ascii") if isinstance(host, str) else host.decode("ascii")
+        self.asked.append(name)
+        if name not in self.answers:
+            return self.real(host, port, *args, **kwargs)
+        address = self.answers[name].pop(0) if len(self.answers[name]) > 1 else self.answers[name][0]
+        return self.real(address, port, *args, **kwargs)
+
+
+def test_the_idna_2008_name_httpx_connects_to_is_the_one_checked(host, monkeypatch):
+    """straße.test: Python's resolver would check strasse.test (public); httpx connects to xn--strae-oqa.test."""
+    port = host.url.rsplit(":", 1)[1]
+    FakeDns(monkeypatch, {"strasse.test": [PUBLIC], "xn--strae-oqa.test": ["127.0.0.1"]})
+    host.seen_auth.clear()
+    with pytest.raises(ForbiddenImageUrl) as err:
+        prepare(f"http://straße.test:{port}/ok.png", timeout=2)
+    assert "127.0.0.1" in err.value.message and host.seen_auth == []
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(host, monkeypatch):
+    """DNS rebinding: public at the check, loopback a moment later. The fetch must never reach loopback."""
+    port = host.url.rsplit(":", 1)[1]
+    dns = FakeDns(monkeypatch, {"rebind.test": [PUBLIC, "127.0.0.1"]})
+    host.seen_auth.clear()
+    with pytest.raises(ImageError):  # whatever answers at the public address, it is not an image
+        prepare(f"http://rebind.test:{port}/ok.png", timeout=2)
+    assert host.seen_auth == [] and dns.asked.count("rebind.test") == 1
+
+
+@pytest.mark.parametrize(
+    "address, public",
+    [("64:ff9b::7f00:1", False), ("64:ff9b::a00:1", False), ("64:ff9b::a9fe:a9fe", False), ("64:ff9b::808:808", True),
+     ("64:ff9b:1::a00:1", False), ("2002:7f00:1::1", False), ("2002:808:808::1", True)],
+)
+def test_ipv4_embedded_in_ipv6_is_judged_by_the_ipv4_address(address, public):
+    assert is_public_address(address) is public
+
+
+def test_nat64_address_of_loopback_is_refused(host, monkeypatch):
+    port = host.url.rsplit(":", 1)[1]
+    FakeDns(monkeypatch, {"nat64.test": ["64:ff9b::7f00:1"]})
+    with pytest.raises(ForbiddenImageUrl) as err:
+        prepare(f"http://nat64.test:{port}/ok.png")
+    assert "64:ff9b::7f00:1" in err.value.message

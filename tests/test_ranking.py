@@ -302,7 +302,8 @@ class FakeLabelStudio:
         xml = load_config(name)[0]
         self.imported, self.deleted, self.updated = [], [], {}
         project = SimpleNamespace(label_config=xml, expert_instruction="", task_number=len(tasks))
-        self.projects = SimpleNamespace(get=lambda id: project, import_predictions=lambda id, request: self.imported.extend(request))
+        self.projects = SimpleNamespace(get=lambda id: project,
+                                        import_predictions=lambda id, request, **options: self.imported.extend(request))
         self.tasks = SimpleNamespace(list=lambda **kw: iter(self._selected(tasks, kw.get("query"))),
                                      update=lambda id, data: self.updated.__setitem__(int(id), data))
         self.predictions = SimpleNamespace(delete=lambda id: self.deleted.append(id))

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from backend.cli import add_serving_commands, configure_logging, run_serving_command
+from backend.cli import add_serving_commands, run_serving_command, start_logging
 from backend.settings import get_settings
 
 
@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(get_settings().log_level, get_settings().log_format)
+    if start_logging() is None:
+        return 2
     if args.command == "make-tiny-model":
         from .tiny_model import build_tiny_model
 
@@ -146,10 +147,14 @@ def run_worker() -> int:
 
     queue = _queue()
     if not queue.ping():
-        print(f"error: Redis at {get_settings().redis_url} is unreachable (set REDIS_URL)", file=sys.stderr)
+        from backend.logs import redact_url
+
+        print(f"error: Redis at {redact_url(get_settings().redis_url)} is unreachable (set REDIS_URL)", file=sys.stderr)
         return 2
-    if get_settings().reconcile_interval and not queue.queue.scheduled_job_registry.get_job_ids():
-        queue.queue.enqueue("training.jobs.reconcile", job_id="reconcile-next")
+    if get_settings().reconcile_interval:
+        from .jobs import ensure_reconcile_scheduled
+
+        ensure_reconcile_scheduled(queue)
     Worker([queue.queue], connection=queue.redis).work(with_scheduler=True)
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +19,21 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import get_current_job
 
-from backend.jobs import FeedbackQueue, key
+from backend.jobs import RECONCILE_FUNC, FeedbackQueue, key
 from backend.metrics import record_training_job
 from backend.prelabel_queue import PrelabelRequest, enqueue_prelabel
 from backend.ranking import compile_ranking_config, is_comparison_config
 from backend.settings import Settings, get_settings
 
 from .export import export_project
+from .locks import renewed_lock
 from .preferences import derive
 from .rounds import RoundInputs, learn
 from .snapshot import label_config_hash, write_snapshot
 
 log = logging.getLogger(__name__)
 MAX_ROUNDS_PER_JOB = 5
+RECONCILE_PREFIX = "reconcile-"  # + enqueue time in ms: a fresh job id per pass
 
 
 def report_progress(stage: str, **detail: Any) -> None:
@@ -48,7 +51,7 @@ def run_training_round(project: str, reason: str = "manual", settings: Settings 
     started = time.monotonic()
     outcome = "failed"
     try:
-        with redis.lock(key("train-lock", project), timeout=settings.job_timeout, blocking_timeout=settings.job_timeout):
+        with renewed_lock(redis, key("train-lock", project), ttl=settings.lock_ttl, wait=settings.job_timeout):
             rounds = []
             for _ in range(MAX_ROUNDS_PER_JOB):
                 redis.delete(key("rerun", project))
@@ -111,9 +114,42 @@ def _label_studio_credentials(settings: Settings) -> tuple[str, str]:
 def reconcile(settings: Settings | None = None) -> dict[str, Any]:
     """For each known project, read its tasks in Label Studio once: train where the annotation count differs
     from the latest snapshot's by at least DATAENGINE_TRAIN_EVERY, and fill ranking tasks that have no
-    candidates (unless a prelabel job of the project is queued or running); then reschedule."""
+    candidates (unless a prelabel job of the project is queued or running); then schedule the next pass,
+    also when this one failed."""
     settings = settings or get_settings()
     queue = FeedbackQueue.from_settings(settings)
+    try:
+        return _reconcile_projects(queue, settings)
+    finally:
+        if settings.reconcile_interval:
+            schedule_reconcile(queue, delay=settings.reconcile_interval)
+
+
+def schedule_reconcile(queue: FeedbackQueue, delay: int = 0) -> str:
+    """Enqueue a reconcile pass `delay` seconds from now under a fresh job id. (Reusing one id made RQ store the
+    running pass's result, with its 500 s TTL, over the hash of the successor it had just scheduled: the
+    successor was dropped when due, after 600 s.)"""
+    job_id = f"{RECONCILE_PREFIX}{int(time.time() * 1000)}"
+    options = dict(job_id=job_id, description="reconcile: lost webhooks, unfilled ranking tasks", meta={"kind": "reconcile"})
+    if delay:
+        queue.queue.enqueue_in(timedelta(seconds=delay), RECONCILE_FUNC, **options)
+    else:
+        queue.queue.enqueue(RECONCILE_FUNC, **options)
+    return job_id
+
+
+def ensure_reconcile_scheduled(queue: FeedbackQueue) -> str | None:
+    """At worker start: enqueue a pass now unless one is already queued, scheduled or running (one chain,
+    however many workers start); returns the new job's id, or None."""
+    with queue.redis.lock(key("reconcile-schedule-lock"), timeout=10, blocking_timeout=10):
+        registries = (queue.queue.scheduled_job_registry, queue.queue.started_job_registry)
+        pending = queue.queue.get_job_ids() + [i for r in registries for i in r.get_job_ids()]
+        if any(job_id.startswith(RECONCILE_PREFIX) for job_id in pending):
+            return None
+        return schedule_reconcile(queue)
+
+
+def _reconcile_projects(queue: FeedbackQueue, settings: Settings) -> dict[str, Any]:
     triggered, filling = [], []
     for raw in queue.redis.smembers(key("projects")):
         project = raw.decode()
@@ -127,10 +163,6 @@ def reconcile(settings: Settings | None = None) -> dict[str, Any]:
                 filling.append(enqueue_prelabel(queue, request, settings.job_timeout))
         except Exception as exc:  # one unreachable project must not stop the others
             log.warning("reconcile of project %s failed: %s", project, exc)
-    if settings.reconcile_interval:
-        from datetime import timedelta
-
-        queue.queue.enqueue_in(timedelta(seconds=settings.reconcile_interval), "training.jobs.reconcile", job_id="reconcile-next")
     return {"triggered": triggered, "filling": filling}
 
 

@@ -26,9 +26,12 @@ from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
+from redis import Redis
+
 from backend.engine_client import EngineClient
 from backend.errors import RequestError
 from backend.images import LabelStudioAccess
+from backend.jobs import key
 from backend.label_config import CompiledConfig, compile_label_config
 from backend.label_studio import client as label_studio_client
 from backend.predictor import PredictRequest, Predictor, TaskFailure
@@ -38,9 +41,13 @@ from backend.registry import ServingVersion, VersionReader
 from backend.settings import Settings, get_settings
 
 from .export import task_as_dict
+from .locks import renewed_lock
 
 log = logging.getLogger(__name__)
 PAGE_SIZE = 500  # tasks per SDK page (Label Studio sets no maximum unless TASK_API_PAGE_SIZE_MAX)
+IDS_PER_QUERY = 500  # task ids per listing request: they travel in the URL (about 7,000 exceed httpx's limit)
+IMPORT_ATTEMPTS = 3  # tries of one import_predictions batch; between them, what Label Studio stored is checked
+IMPORT_BACKOFF_S = 2.0
 PREFETCH_TASKS = 2 * PAGE_SIZE  # tasks read ahead while the engine works
 MAX_REPORTED_ERRORS = 20
 WRITE_THREADS = 8  # concurrent one-task calls (`tasks.update`, `predictions.delete`) while a batch is written
@@ -183,16 +190,18 @@ class Prelabeler:
             for task in self.ls.tasks.list(project=int(options.project), fields="all", page_size=PAGE_SIZE):
                 yield task_as_dict(task)
             return
-        # Listed by id, a page at a time: a GET per task would also make Label Studio ask this backend's
-        # /predict for that task, a second engine call per task
-        missing = dict.fromkeys(options.task_ids)
-        selected = json.dumps({"selectedItems": {"all": False, "included": list(missing)}})
-        for task in self.ls.tasks.list(project=int(options.project), fields="all", page_size=PAGE_SIZE, query=selected):
-            task = task_as_dict(task)
-            missing.pop(task.get("id"), None)
-            yield task
-        for task_id in missing:
-            yield _MissingTask(task_id)
+        # Listed by id, IDS_PER_QUERY ids a request (the ids travel in the URL): a GET per task would also make
+        # Label Studio ask this backend's /predict for that task, a second engine call per task
+        wanted = list(dict.fromkeys(options.task_ids))
+        for start in range(0, len(wanted), IDS_PER_QUERY):
+            missing = dict.fromkeys(wanted[start:start + IDS_PER_QUERY])
+            selected = json.dumps({"selectedItems": {"all": False, "included": list(missing)}})
+            for task in self.ls.tasks.list(project=int(options.project), fields="all", page_size=PAGE_SIZE, query=selected):
+                task = task_as_dict(task)
+                missing.pop(task.get("id"), None)
+                yield task
+            for task_id in missing:
+                yield _MissingTask(task_id)
 
     def _results(self, plan: "_Plan", tasks: Iterable[dict[str, Any]]) -> Iterator[_Result]:
         """Keep `prelabel_concurrency` tasks in flight; yield results as they complete (any order)."""
@@ -323,7 +332,7 @@ class _Uploader:
             for p in r.predictions
         ]
         if requests:
-            self.ls.projects.import_predictions(id=self.project, request=requests)
+            self._import(batch, requests)
         self.summary.predictions += len(requests)
         superseded = [pid for r in batch for pid in r.superseded]
         list(self._calls.map(self._delete_prediction, superseded))
@@ -331,6 +340,35 @@ class _Uploader:
         self.summary.upload_seconds += time.monotonic() - started
         if self.on_upload:
             self.on_upload()
+
+    def _import(self, batch: list[_Result], requests: list) -> None:
+        """import_predictions, idempotent: the SDK's own retries are off (it re-POSTs on a 5xx, and a proxy error
+        after Label Studio stored the batch stored it twice); after a failure, the tasks that already hold the
+        new predictions are left out of the next try."""
+        for attempt in range(1, IMPORT_ATTEMPTS + 1):
+            try:
+                self.ls.projects.import_predictions(id=self.project, request=requests, request_options={"max_retries": 0})
+                return
+            except Exception as exc:  # ApiError (any status) or a transport error: the batch may or may not be stored
+                if attempt == IMPORT_ATTEMPTS:
+                    raise
+                log.warning("import of %d predictions failed (%s); checking what Label Studio stored", len(requests), exc)
+                time.sleep(IMPORT_BACKOFF_S * attempt)
+                stored = self._tasks_holding_new_predictions(batch)
+                requests = [r for r in requests if r.task not in stored]
+                if not requests:
+                    return
+
+    def _tasks_holding_new_predictions(self, batch: list[_Result]) -> set[int]:
+        """Tasks of `batch` that hold a prediction of this run's version which it did not hold before (not one
+        the run supersedes)."""
+        def holds(result: _Result) -> bool:
+            version = result.predictions[0].get("model_version") if result.predictions else None
+            old = set(result.superseded)
+            return any(p.model_version == version and p.id not in old for p in self.ls.predictions.list(task=int(result.task_id)))
+
+        checked = list(self._calls.map(holds, batch))
+        return {int(r.task_id) for r, held in zip(batch, checked) if held}
 
     def _delete_prediction(self, prediction_id: int) -> None:
         from label_studio_sdk.core.api_error import ApiError
@@ -430,12 +468,16 @@ def run_prelabel(
             job.meta["progress"] = {"stage": "prelabel", "at": time.time(), **_brief(summary)}
             job.save_meta()
 
-    prelabeler = Prelabeler(settings)
-    try:
-        options = PrelabelOptions(str(project), bool(force), limit, tuple(task_ids or ()))
-        summary = prelabeler.run(options, progress=report)
-    finally:
-        prelabeler.close()
+    # One run per project at a time (POST /prelabel, TASKS_CREATED and reconcile may all start one): the next
+    # waits, then skips what the first stored
+    with renewed_lock(Redis.from_url(settings.redis_url), key("prelabel-lock", str(project)), settings.lock_ttl,
+                      wait=settings.job_timeout):
+        prelabeler = Prelabeler(settings)
+        try:
+            options = PrelabelOptions(str(project), bool(force), limit, tuple(task_ids or ()))
+            summary = prelabeler.run(options, progress=report)
+        finally:
+            prelabeler.close()
     log.info("prelabel of project %s: %s", project, _brief(summary))
     return summary.as_dict()
 

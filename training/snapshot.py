@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from backend.projects import fsync_directory
+
 from .preferences import DerivedData, PreferencePair, SftExample
 
 SNAPSHOTS_DIR = "snapshots"
@@ -73,9 +75,9 @@ def _publish(root: Path, final: Path, files: dict[str, bytes]) -> None:
     temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=root))
     for name, data in files.items():  # the manifest last: a dir with a manifest is a whole snapshot
         _write_synced(temp / name, data)
-    _fsync_dir(temp)
+    fsync_directory(temp)
     os.rename(temp, final)
-    _fsync_dir(root)
+    fsync_directory(root)
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -83,14 +85,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_stale_temp_dirs(root: Path) -> None:

@@ -1,7 +1,7 @@
 """The feedback loop end to end: annotations submitted in a real Label Studio reach /webhook, an RQ job
 on a real worker (started by `dataengine serve`) exports them through the SDK and writes a snapshot
 whose preference pairs are what the annotators chose; Label Studio outages and a killed worker process
-are retried without half-written snapshots.
+are retried without half-written snapshots, the killed round's project lock lapsing within seconds.
 
 Label Studio sits behind a loopback TCP forwarder (tests/e2e/tcp_proxy.py) so the test can cut it off
 or slow it down; everything behind the forwarder is the real server.
@@ -26,6 +26,7 @@ from training.snapshot import latest_snapshot, list_snapshots, read_pairs, read_
 pytestmark = [pytest.mark.e2e, pytest.mark.engine]
 
 REDIS_URL = redis_db(11)  # this module's own database, flushed at start
+LOCK_TTL = 5  # DATAENGINE_LOCK_TTL: how long a killed round's project lock outlives it
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,7 @@ def stack(engine_url, label_studio, tmp_path_factory):
         "DATAENGINE_TRAIN_EVERY": "2",
         "DATAENGINE_RETRY_INTERVALS": "2,2,2",
         "DATAENGINE_RECONCILE_INTERVAL": "0",
+        "DATAENGINE_LOCK_TTL": str(LOCK_TTL),
         "DATAENGINE_WEBHOOK_SECRET": "",
         "BASIC_AUTH_USER": "",
         "BASIC_AUTH_PASS": "",
@@ -138,11 +140,17 @@ def test_killed_work_horse_is_retried_and_leaves_no_half_written_snapshot(traine
         wait_job(stack, job_id, "started", timeout=30)
         horse = wait_for(lambda: next(iter(set(children(worker)) - idle_children), None), timeout=10, interval=0.1)
         assert horse, "no RQ work-horse process found"
+        lock = f"dataengine:train-lock:{project_id}"
+        assert wait_for(lambda: stack["redis"].exists(lock), timeout=10, interval=0.05)  # the round holds the lock
         os.kill(horse, signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert 0 < stack["redis"].pttl(lock) <= LOCK_TTL * 1000  # a dead holder's lock lapses within LOCK_TTL
     finally:
         stack["proxy"].delay = 0.0
     final = wait_job(stack, job_id, "finished", timeout=120)
     assert final["retries_left"] < 3
+    assert time.monotonic() - killed_at < 60  # the retried round got the lock and finished within a minute
+    assert not list((trained_project["dir"] / "versions").glob(".staging-*"))  # no orphan version
     snapshots_dir = trained_project["dir"] / "snapshots"
     assert not [p for p in snapshots_dir.iterdir() if p.name.startswith(".tmp")]
     assert all((s.path / "manifest.json").exists() for s in list_snapshots(trained_project["dir"]))
