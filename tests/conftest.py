@@ -45,6 +45,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_rm_base(tmp_path_factory) -> Path:
+    """A tiny random BERT encoder with MiniLM's tokenizer: a reward-model base that trains in seconds, for tests
+    where the reward model's quality does not matter (what it learns is tested in tests/test_reward_model.py)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from training.reward_model import minilm_path
+
+    out = tmp_path_factory.mktemp("models") / "tiny-rm"
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def engine_url(tiny_model_dir, tmp_path_factory) -> str:
     external = os.environ.get("DATAENGINE_TEST_ENGINE_URL")
     if external:

@@ -102,6 +102,12 @@ class Registry:
         """Rewrite a published version's record (what the gate learned about it: its blend, its evaluation)."""
         atomic_write_json(self.root / VERSIONS_DIR / record.name / "version.json", asdict(record))
 
+    def discard(self, record: VersionRecord) -> None:
+        """Remove a version that was never promoted (its round failed after publishing it): a retried round must
+        not leave one orphan version, reward models and all, per attempt."""
+        if record.name != self.current_name():
+            shutil.rmtree(self.root / VERSIONS_DIR / record.name, ignore_errors=True)
+
     def get(self, name: str) -> VersionRecord | None:
         data = read_version_record(self.root / VERSIONS_DIR / name)
         return VersionRecord(**data) if data else None

@@ -84,7 +84,11 @@ def learn(inputs: RoundInputs, settings: Settings, progress: Progress) -> dict[s
         return {"skipped": skip}
     kind = project_kind(inputs.exported.label_config, settings)
     record = _train_version(inputs, kind, registry, current.name, settings, progress)
-    return _gate(inputs, kind, registry, record, current, settings, progress)
+    try:
+        return _gate(inputs, kind, registry, record, current, settings, progress)
+    except Exception:
+        registry.discard(record)  # the retried round starts clean
+        raise
 
 
 def project_kind(xml: str, settings: Settings) -> ProjectKind:
