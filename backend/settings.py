@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     # training rounds
     rm_base: str = ""  # reward-model base: a local path or hub id; empty = the bundled MiniLM encoder on CPU
     rm_ensemble: int = Field(3, ge=1, le=8)  # reward models trained per round and averaged (training.reward_model)
-    policy_algo: str = Field("auto", pattern="^(auto|grpo|rloo|dpo|none)$")  # auto: grpo on GPU, none on CPU
+    policy_algo: str = Field("auto", pattern="^(auto|sft|dpo|grpo|rloo|none)$")  # training/rounds.py policy_plan
     min_pairs: int = Field(8, ge=1)  # fewer preference pairs than this: no training this round
     promote_margin: float = Field(0.0, ge=0.0, le=1.0)  # candidate may be this much worse and still promote
     eval_min_tasks: int = Field(5, ge=0)  # fewer held-out tasks: promote without an evaluation (recorded)

@@ -15,8 +15,9 @@ that cannot be predicted (a broken image, a text past the context) is skipped an
 
 The comparison is paired (`compare`): both versions on the same tasks, a bootstrap interval of the mean
 per-task difference, and for top-1 McNemar's exact test on the tasks where exactly one version is right.
-A candidate is rejected only when the whole interval lies below -DATAENGINE_PROMOTE_MARGIN: a version
-trained on more feedback is not thrown away because it lost a point to noise.
+A candidate is rejected only when it is worse beyond noise (McNemar for top-1, the interval otherwise) and
+by more than DATAENGINE_PROMOTE_MARGIN: a version trained on more feedback is not thrown away because it
+lost a point to noise.
 """
 from __future__ import annotations
 
@@ -209,22 +210,31 @@ class Decision:
 
 
 def compare(candidate: Evaluation, current: Evaluation, margin: float, min_tasks: int) -> Decision:
-    """Promote unless the candidate is worse than the current version beyond noise: on the tasks both could
-    predict, the upper end of the bootstrap interval of the mean difference lies below -margin."""
+    """Promote unless the candidate is worse than the current version beyond noise (and by more than
+    `margin`), on the tasks both could predict. Top-1 (0/1 per task) is judged by McNemar's exact test on the
+    tasks where exactly one version is right; other metrics by the bootstrap interval of the mean difference."""
     shared = sorted(set(candidate.per_task) & set(current.per_task))
     if len(shared) < min_tasks:
         return Decision(True, f"promoted unevaluated: {len(shared)} held-out tasks < {min_tasks} (DATAENGINE_EVAL_MIN_TASKS)",
                         {"tasks": len(shared)})
     diffs = [candidate.per_task[t] - current.per_task[t] for t in shared]
-    test = paired_test(diffs, binary=candidate.metric == "top1")
+    binary = candidate.metric == "top1"
+    test = paired_test(diffs, binary=binary)
     test["metric"] = candidate.metric
     low, high = test["interval"]
+    if binary:
+        significant = test["mcnemar_p"] < 1 - CONFIDENCE
+        worse = significant and test["mcnemar_worse"] > test["mcnemar_better"]
+        better = significant and test["mcnemar_better"] > test["mcnemar_worse"]
+        evidence = f", McNemar p={test['mcnemar_p']:.3g} ({test['mcnemar_better']} better, {test['mcnemar_worse']} worse)"
+    else:
+        worse, better, evidence = high < 0, low > 0, ""
     summary = (f"{candidate.metric} {_mean([candidate.per_task[t] for t in shared]):.3f} vs "
                f"{_mean([current.per_task[t] for t in shared]):.3f} on {len(shared)} tasks, difference "
-               f"{test['mean_difference']:+.3f} (95% interval {low:+.3f}..{high:+.3f})")
-    if high < -margin:
+               f"{test['mean_difference']:+.3f} (95% interval {low:+.3f}..{high:+.3f}{evidence})")
+    if worse and test["mean_difference"] < -margin:
         return Decision(False, f"worse beyond noise: {summary}", test)
-    verdict = "better beyond noise" if low > 0 else "not worse beyond noise"
+    verdict = "better beyond noise" if better else "not worse beyond noise" if not worse else f"worse within the margin {margin}"
     return Decision(True, f"{verdict}: {summary}", test)
 
 
