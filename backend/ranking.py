@@ -398,7 +398,8 @@ class CandidateFiller:
             if isinstance(items, TaskFailure):
                 return items
             if version.reward_model_path and len(items) > 1:
-                items = self._rerank(config, task, items, version.reward_model_path)
+                weight = version.rm_weight if version.rm_weight is not None else self.predictor.settings.rm_weight
+                items = self._rerank(config, task, items, version.reward_model_path, weight)
             return build_filled_task(config, task, items, version.name)
         except InvalidTaskData as exc:
             return TaskFailure(0, task.get("id"), exc)
@@ -428,12 +429,13 @@ class CandidateFiller:
                 items.append(Item(item_id(body), body, float(prediction["score"])))
         return items
 
-    def _rerank(self, config: RankingConfig, task: dict[str, Any], items: list[Item], reward_model_path: str) -> list[Item]:
+    def _rerank(self, config: RankingConfig, task: dict[str, Any], items: list[Item], reward_model_path: str,
+                weight: float) -> list[Item]:
         from .reranker import blend_scores, load_scorer
 
         messages = comparison_prompt(config.prompt_objects, task)
         rewards = load_scorer(reward_model_path).score([reward_text(messages, item.body) for item in items])
-        scores = blend_scores([item.score for item in items], rewards, self.predictor.settings.rm_weight)
+        scores = blend_scores([item.score for item in items], rewards, weight)
         return sorted((replace(item, score=score) for item, score in zip(items, scores)), key=lambda item: -item.score)
 
 

@@ -17,7 +17,7 @@ from training.evaluate import is_heldout
 from training.export import ProjectExport
 from training.preferences import derive
 from training.registry import Registry
-from training.rounds import POLICY_SKIPPED_FOR_RANKINGS, RoundInputs, learn
+from training.rounds import RoundInputs, learn
 from training.snapshot import write_snapshot
 
 pytestmark = pytest.mark.engine
@@ -68,7 +68,7 @@ def test_rankings_train_a_reward_model_that_orders_the_next_fills(tmp_path, engi
     assert candidate["metric"] == "pair_accuracy" and current["pair_accuracy"] == 0.5  # the base has no reward model
     assert candidate["pair_accuracy"] > 0.7 and candidate["tasks"] >= settings.eval_min_tasks, outcome
     record = Registry(settings.projects_dir, PROJECT, TINY_NAME).get(outcome["version"])
-    assert record.reward_model_path and record.metrics["policy"] == {"skipped": POLICY_SKIPPED_FOR_RANKINGS}
+    assert record.reward_model_path and "label candidates" in record.metrics["policy"]["skipped"]
 
     served = VersionReader(settings.projects_dir, TINY_NAME).current(PROJECT)
     assert served.name == outcome["version"]
@@ -82,3 +82,37 @@ def test_rankings_train_a_reward_model_that_orders_the_next_fills(tmp_path, engi
     finally:
         predictor.close()
     assert after >= 0.7 and after > before, (before, after)
+
+
+def response_task(task_id: int, prompt: str) -> dict:
+    """A filled ranking.xml task (free-text responses in buckets): the annotator always puts the same polite
+    answer in Best, a hedge in Acceptable and a curt refusal in Reject."""
+    answers = {"best": "Yes, gladly. Here is a clear answer.", "acceptable": "Maybe, it depends.", "reject": "No."}
+    items = [{"id": item_id(text), "title": f"Answer {i + 1}", "body": text} for i, text in enumerate(answers.values())]
+    ranking = {"from_name": "rank", "to_name": "candidates", "type": "ranker",
+               "value": {"ranker": {bucket: [item_id(text)] for bucket, text in answers.items()}}}
+    annotation = {"id": task_id, "result": [ranking], "was_cancelled": False, "completed_by": 1}
+    return {"id": task_id, "data": {"prompt": prompt, "candidates": items}, "annotations": [annotation], "predictions": []}
+
+
+def test_rankings_of_generated_responses_train_the_policy_with_dpo(tmp_path, engine_url, tiny_model_dir, tiny_rm_base):
+    """Ranking projects exist to collect RLHF data: the round fine-tunes the policy (SFT on the best response,
+    then DPO on the ranked pairs; real TRL on the tiny model) and its implicit reward prefers the human's
+    choice on held-out prompts it never saw."""
+    settings = make_settings(tmp_path / "model_dir", engine_url, model=str(tiny_model_dir), rm_ensemble=1,
+                             rm_base=str(tiny_rm_base), eval_min_tasks=1)
+    xml = load_config("ranking")[0]
+    tasks = [response_task(i, f"Question {i}: can you help me with task number {i * 7}?") for i in range(1, 81)]
+    derived = derive(tasks, xml)
+    snapshot = write_snapshot(Path(settings.projects_dir) / "43", derived, {"source": "test"})
+    exported = ProjectExport(project="43", label_config=xml, instructions="", tasks=tasks)
+
+    outcome = learn(RoundInputs("43", exported, derived, snapshot), settings, lambda stage, **kw: None)
+
+    record = Registry(settings.projects_dir, "43", TINY_NAME).get(outcome["version"])
+    policy = record.metrics["policy"]
+    assert policy["algo"] == "dpo" and policy["why"].startswith("auto: CPU"), policy
+    assert policy["sft"]["steps"] > 0 and policy["steps"] > 0
+    assert policy["heldout_pair_accuracy"]["pairs"] >= 10
+    assert policy["heldout_pair_accuracy"]["accuracy"] >= 0.8, policy["heldout_pair_accuracy"]
+    assert record.adapter_path and Path(record.adapter_path, "adapter_model.safetensors").is_file()
