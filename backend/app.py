@@ -24,6 +24,7 @@ from .projects import ProjectSettings, ProjectStore, project_id_from
 from .ranking import compile_ranking_config, is_comparison_config
 from .registry import VersionReader
 from .settings import Settings, get_settings
+from .usage import UsageStore
 
 log = logging.getLogger(__name__)
 OPEN_ENDPOINTS = {"health"}  # reachable without basic auth (container health checks)
@@ -56,6 +57,7 @@ class Services:
         self.versions = VersionReader(settings.projects_dir, settings.model_name)
         self.predictor = Predictor(settings, engine)
         self.queue = FeedbackQueue.from_settings(settings)
+        self.usage = UsageStore(self.queue.redis, settings.max_projects)
 
 
 # --- request plumbing ------------------------------------------------------------------------------
@@ -233,6 +235,8 @@ def _install_routes(app: Flask, services: Services) -> None:
             project=project,
         )
         outcome = services.predictor.predict_each(predict_request)
+        services.usage.record(project, predict_request.version.name, "predict", outcome.usage,
+                              tasks=len(tasks) - len(outcome.failures))
         if len(outcome.failures) == len(tasks):  # nothing to pre-annotate: answer with the (first) task's 4xx
             first = outcome.failures[0].error
             return jsonify(error=first.message, errors=[f.as_dict() for f in outcome.failures]), first.status

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+import time
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ import httpx
 
 from .errors import EngineRejected, EngineUnavailable, RequestError
 from .thread_transport import PerThreadTransport
+from .usage import Usage
 
 
 TOP_LOGPROBS_MAX = 20  # vLLM's default --max-logprobs
@@ -84,6 +86,14 @@ class EngineClient:
         except ValueError:  # e.g. /v1/load_lora_adapter answers plain text
             return {"text": response.text}
 
+    def _chat(self, payload: dict[str, Any], usage: Usage | None) -> dict[str, Any]:
+        """One chat completion; its token counts (vLLM's `usage` field) and wall time added to `usage`."""
+        started = time.perf_counter()
+        body = self._post("/v1/chat/completions", payload)
+        if usage is not None:
+            usage.add_response(body, time.perf_counter() - started)
+        return body
+
     def _send(self, url: str, payload: dict[str, Any]) -> httpx.Response:
         try:
             return self._http.post(url, json=payload)
@@ -112,8 +122,10 @@ class EngineClient:
         temperature: float,
         max_tokens: int,
         model: str | None = None,
+        usage: Usage | None = None,
     ) -> list[Sample]:
-        """n constrained samples in one request (vLLM `structured_outputs` JSON schema)."""
+        """n constrained samples in one request (vLLM `structured_outputs` JSON schema); the request's engine
+        usage is added to `usage`."""
         payload = {
             "model": model or self.model,
             "messages": messages,
@@ -123,12 +135,12 @@ class EngineClient:
             "logprobs": True,
             "structured_outputs": {"json": schema},
         }
-        body = self._post("/v1/chat/completions", payload)
+        body = self._chat(payload, usage)
         return [_sample_from_choice(choice) for choice in body.get("choices", [])]
 
     # --- exhaustive scoring ------------------------------------------------------------------------
     def score_options(
-        self, messages: list[dict[str, Any]], options: list[str], *, model: str | None = None
+        self, messages: list[dict[str, Any]], options: list[str], *, model: str | None = None, usage: Usage | None = None
     ) -> list[float]:
         """Log-probability of each option string as the whole answer, renormalised over the options.
 
@@ -139,6 +151,7 @@ class EngineClient:
         (`continue_final_message`), depth-first, while the shared prefix still holds at least `SHARED_PREFIX_MIN`
         of the mass; below that, or past `MAX_SCORING_REQUESTS`, its mass is split evenly. (Scoring the option
         strings through prompt log-probabilities would be one request, but it crashes vLLM's CPU LoRA path.)
+        Every request's engine usage is added to `usage`.
         """
         mass = [0.0] * len(options)
         pending: list[tuple[str, float, list[int]]] = [("", 1.0, list(range(len(options))))]
@@ -154,7 +167,7 @@ class EngineClient:
                 continue
             requests += 1
             suffixes = [options[i][len(prefix):] for i in members]
-            for token, probability in self._next_token_distribution(messages, prefix, suffixes, model):
+            for token, probability in self._next_token_distribution(messages, prefix, suffixes, model, usage):
                 extended = prefix + token
                 following = [i for i in members if options[i].startswith(extended) and token]
                 if not following:  # the end-of-answer token after an option that is complete at `prefix`
@@ -167,7 +180,7 @@ class EngineClient:
         return [math.log(m / total) if m > 0 else math.log(MASS_FLOOR) for m in mass]
 
     def _next_token_distribution(
-        self, messages: list[dict[str, Any]], prefix: str, suffixes: list[str], model: str | None
+        self, messages: list[dict[str, Any]], prefix: str, suffixes: list[str], model: str | None, usage: Usage | None
     ) -> list[tuple[str, float]]:
         """(token, probability) of the next token under a choice constraint over `suffixes`, after the assistant
         prefix `prefix`; probabilities renormalised over the returned tokens."""
@@ -184,7 +197,7 @@ class EngineClient:
         if prefix:
             payload["messages"] = [*messages, {"role": "assistant", "content": prefix}]
             payload.update(continue_final_message=True, add_generation_prompt=False)
-        body = self._post("/v1/chat/completions", payload)
+        body = self._chat(payload, usage)
         try:
             top = body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
         except (KeyError, IndexError, TypeError) as exc:

@@ -32,7 +32,7 @@ EVENTS_MAXLEN = 100_000
 ACTIVE = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.STARTED}
 
 # Admit a project: already known, or room for one more (then it is added); returns 1 when admitted.
-_ADMIT_PROJECT = """
+ADMIT_PROJECT = """
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
 if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('SADD', KEYS[1], ARGV[1])
@@ -126,7 +126,7 @@ class FeedbackQueue:
         """A 403 for a project beyond DATAENGINE_MAX_PROJECTS (each known project holds an event stream)."""
         if project in self._admitted:
             return
-        if not self.redis.eval(_ADMIT_PROJECT, 1, key("projects"), project, self.max_projects):
+        if not self.redis.eval(ADMIT_PROJECT, 1, key("projects"), project, self.max_projects):
             raise RequestError(
                 f"project {project} is new and {self.max_projects} projects are known already; the limit is "
                 f"{self.max_projects} (DATAENGINE_MAX_PROJECTS)", 403,

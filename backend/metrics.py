@@ -12,6 +12,8 @@ Two kinds, by where the numbers live:
   each finished job to a Redis hash (`record_training_job`) and every backend replica reports the same
   totals from it: take `max` across replicas, not `sum`. A scrape never fails because Redis is down:
   `dataengine_redis_up` drops to 0 and the Redis-backed series are left out.
+  Engine usage (tokens and engine seconds per project, model version and source) is held the same way, for
+  the same reason: prelabel runs in CLI processes and work horses (backend/usage.py).
 
 Production quality signal: `dataengine_annotations_total{project, model_version, outcome}` counts created
 annotations by whether they kept the top candidate unchanged (`top`), another candidate unchanged
@@ -27,10 +29,12 @@ from typing import Iterator
 
 from prometheus_client import REGISTRY, CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import multiprocess
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, Worker
+
+from .usage import usage_rows
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +100,7 @@ class RedisCollector:
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("dataengine_redis_up", "1 if Redis answered during this scrape")
         try:
-            families = [self._queue_families(), self._training_family()]
+            families = [self._queue_families(), self._training_family(), self._usage_families()]
         except RedisError as exc:
             log.warning("metrics: Redis unreachable, queue and training metrics left out: %s", exc)
             up.add_metric([], 0)
@@ -142,6 +146,28 @@ class RedisCollector:
             buckets = [(str(bound), fields.get(f"le:{bound}", 0.0)) for bound in TRAINING_BUCKETS] + [("+Inf", count)]
             family.add_metric([outcome], buckets, fields.get("sum", 0.0))
         return [family]
+
+
+    def _usage_families(self) -> list[Metric]:
+        labels = ["project", "model_version", "source"]
+        families = {
+            counter: CounterMetricFamily(f"dataengine_engine_{name}", text, labels=labels)
+            for counter, name, text in USAGE_SERIES
+        }
+        for row in usage_rows(self.redis):
+            for counter, family in families.items():
+                family.add_metric([row.project, row.model_version, row.source], getattr(row, counter))
+        return list(families.values())
+
+
+# (Usage counter, metric name without _total, help): what labelling costs, per project and model version
+USAGE_SERIES = (
+    ("tasks", "tasks", "Tasks whose engine usage is counted (pre-annotated tasks)"),
+    ("requests", "requests", "Engine requests (chat completions) made for those tasks"),
+    ("prompt_tokens", "prompt_tokens", "Prompt tokens the engine processed (vLLM usage.prompt_tokens)"),
+    ("completion_tokens", "completion_tokens", "Tokens the engine generated (vLLM usage.completion_tokens, all n samples)"),
+    ("engine_seconds", "seconds", "Wall time of the engine requests, summed (concurrent requests overlap: latency, not exclusive time)"),
+)
 
 
 def render(redis: Redis | None = None, queue_name: str = "dataengine") -> tuple[bytes, str]:

@@ -19,6 +19,7 @@ from .prompts import answer_text, build_choice_messages, build_messages, option_
 from .registry import ServingVersion
 from .reranker import blend_scores, load_scorer
 from .settings import Settings
+from .usage import Usage
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class TaskInput:
     task: dict[str, Any]
     texts: dict[str, str]  # object name -> text, or the image reference for <Image> objects
     images: dict[str, str] = field(default_factory=dict)  # <Image> name -> validated PNG data URI for the engine
+    usage: Usage = field(default_factory=Usage)  # the engine work this task took
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class TaskFailure:
     index: int
     task_id: Any
     error: RequestError
+    usage: Usage = field(default_factory=Usage)  # engine work done before it failed
 
     def as_dict(self) -> dict[str, Any]:
         return {"index": self.index, "task": self.task_id, "status": self.error.status, "error": self.error.message}
@@ -56,10 +59,12 @@ class TaskFailure:
 
 @dataclass(frozen=True)
 class PredictOutcome:
-    """One (possibly empty) list of predictions per task, in task order, and the tasks that failed."""
+    """One (possibly empty) list of predictions per task, in task order, the tasks that failed, and the engine
+    work of the whole call (failed tasks' included)."""
 
     predictions: list[list[dict[str, Any]]]
     failures: list[TaskFailure]
+    usage: Usage = field(default_factory=Usage)
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class RankedTask:
 
     candidates: list[Candidate]
     rewards: list[float] | None = None
+    usage: Usage = field(default_factory=Usage)  # the engine work for this task
 
     def blended(self, weight: float) -> list[Candidate]:
         if self.rewards is None or len(self.candidates) < 2 or weight <= 0:
@@ -121,7 +127,8 @@ class Predictor:
             ]
             for task in ranked
         ]
-        return PredictOutcome(predictions, [task for task in ranked if isinstance(task, TaskFailure)])
+        usage = Usage.total(task.usage for task in ranked)
+        return PredictOutcome(predictions, [task for task in ranked if isinstance(task, TaskFailure)], usage)
 
     def rank_each(self, request: PredictRequest) -> list[RankedTask | TaskFailure]:
         """Per task, in task order: its ranked candidates and their reward-model scores, or its failure."""
@@ -129,23 +136,24 @@ class Predictor:
         scored = [s for s in outcomes if isinstance(s, _Scored)]
         self._rank_options(request, [s for s in scored if s.option_results is not None])
         rewards = self._rewards(request, scored) if request.version.reward_model_path else [None] * len(scored)
-        by_task = iter(RankedTask(s.candidates or [], r) for s, r in zip(scored, rewards))
+        by_task = iter(RankedTask(s.candidates or [], r, s.item.usage) for s, r in zip(scored, rewards))
         ranked = [s if isinstance(s, TaskFailure) else next(by_task) for s in outcomes]
         for task in scored:
             metrics.CANDIDATES.inc(min(len(task.candidates or []), request.candidates))
         return ranked
 
     def _task_outcome(self, request: PredictRequest, index: int, task: Any) -> _Scored | TaskFailure:
+        usage = Usage()
         try:
-            return self._scored(request, self._read(request, task))
+            return self._scored(request, self._read(request, task, usage))
         except RequestError as exc:
             if exc.status >= 500:
                 raise
             task_id = task.get("id") if isinstance(task, dict) else None
             log.info("task %s (#%d) not pre-annotated: %d %s", task_id, index, exc.status, exc.message)
-            return TaskFailure(index, task_id, exc)
+            return TaskFailure(index, task_id, exc, usage)
 
-    def _read(self, request: PredictRequest, task: Any) -> TaskInput:
+    def _read(self, request: PredictRequest, task: Any, usage: Usage) -> TaskInput:
         """The task's texts and image references, and its images fetched and validated (raises a 4xx)."""
         texts = request.config.read_task(task, self.settings.max_text_chars)
         images = {
@@ -154,7 +162,7 @@ class Predictor:
             ).data_uri()
             for obj in request.config.image_objects
         }
-        return TaskInput(task, texts, images)
+        return TaskInput(task, texts, images, usage)
 
     def _scored(self, request: PredictRequest, item: TaskInput) -> _Scored:
         try:
@@ -185,7 +193,9 @@ class Predictor:
             request.config, item.texts, control, [control.describe_option(o) for o in options], request.instructions,
             item.images,
         )
-        logprobs = self.engine.score_options(messages, [option_answer(o) for o in options], model=request.version.adapter)
+        logprobs = self.engine.score_options(
+            messages, [option_answer(o) for o in options], model=request.version.adapter, usage=item.usage
+        )
         text = item.texts[control.target.name]
         return _Scored(item, option_results=[control.to_results(o, text) for o in options], option_logprobs=logprobs)
 
@@ -225,6 +235,7 @@ class Predictor:
             temperature=request.temperature,
             max_tokens=min(self.settings.max_new_tokens, config.max_answer_chars(texts) + 8),
             model=request.version.adapter,
+            usage=item.usage,
         )
         outcome = rank_samples(samples, lambda raw: config.parse(raw, texts))
         if outcome.invalid:

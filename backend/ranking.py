@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .bounded_cache import bytes_bounded_cache
@@ -30,6 +30,7 @@ from .label_config import CONFIG_CACHE_BYTES, SUPPORTED_CONTROLS, CompiledConfig
 from .predictor import PredictRequest, Predictor, TaskFailure
 from .prompts import reward_text
 from .registry import ServingVersion
+from .usage import Usage
 
 COMPARISON_TAGS = ("ranker", "pairwise")
 LAYOUT_TAGS = {"list", "ranker", "pairwise", "bucket"}
@@ -161,6 +162,7 @@ class FilledTask:
     data: dict[str, Any]
     prediction: dict[str, Any]  # {"result", "score", "model_version"}
     items: tuple[Item, ...]  # the model's order, best first
+    usage: Usage = field(default_factory=Usage)  # the engine work it took
 
 
 # --- config -----------------------------------------------------------------------------------------
@@ -393,24 +395,28 @@ class CandidateFiller:
             config=config.answer, tasks=[task], version=replace(version, reward_model_path=None), candidates=candidates,
             temperature=temperature, instructions=instructions,
         )
+        usage = Usage()
         try:
-            items = self._sampled_items(config, task, request)
+            items = self._sampled_items(config, task, request, usage)
             if isinstance(items, TaskFailure):
-                return items
+                return replace(items, usage=usage)
             if version.reward_model_path and len(items) > 1:
                 weight = version.rm_weight if version.rm_weight is not None else self.predictor.settings.rm_weight
                 items = self._rerank(config, task, items, version.reward_model_path, weight)
-            return build_filled_task(config, task, items, version.name)
+            return replace(build_filled_task(config, task, items, version.name), usage=usage)
         except InvalidTaskData as exc:
-            return TaskFailure(0, task.get("id"), exc)
+            return TaskFailure(0, task.get("id"), exc, usage)
 
-    def _sampled_items(self, config: RankingConfig, task: dict[str, Any], request: PredictRequest) -> list[Item] | TaskFailure:
+    def _sampled_items(
+        self, config: RankingConfig, task: dict[str, Any], request: PredictRequest, usage: Usage
+    ) -> list[Item] | TaskFailure:
         """Up to `request.candidates` distinct items, best first, sampling again while some are missing."""
         texts = config.answer.read_task(task, self.predictor.settings.max_text_chars)
         items: dict[str, Item] = {}
         closed_set = request.config.enumerable_control(self.predictor.settings.enumerate_max) is not None
         for _ in range(1 if closed_set else SAMPLING_ROUNDS):  # a closed label set is scored whole, not sampled
             outcome = self.predictor.predict_each(request)
+            usage.add(outcome.usage)
             if outcome.failures:
                 return outcome.failures[0]
             for item in self._items(config, texts, outcome.predictions[0]):

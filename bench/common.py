@@ -36,6 +36,20 @@ def start_engine(workdir: Path, *, engine_url: str | None = None, model: str | N
     return BenchEngine(process.start(), model, process)
 
 
+def resolve_model(model: str | None, model_name: str | None, workdir: Path) -> tuple[str, str]:
+    """(model directory, served name): the embedded SmolLM2-135M-Instruct by default (prepared once from its
+    PyPI wheel), `tiny` for a tiny random model built in `workdir`, else the directory given."""
+    if model == "tiny":
+        from training.tiny_model import build_tiny_model
+
+        return str(build_tiny_model(Path(workdir) / "tiny")), model_name or "tiny"
+    if model is None:
+        from training.embedded_model import materialize
+
+        model = str(materialize(Settings().embedded_model_dir))
+    return model, model_name or Path(model).name
+
+
 def sample_texts(count: int) -> list[str]:
     """`count` review sentences from ../shared/data/sentiment (repeated as needed), else the sample tasks'."""
     shared = REPO.parent / "shared" / "data" / "sentiment"

@@ -1,11 +1,33 @@
-"""Throughput of /predict versus the same requests sent straight to the engine, and versus a
-transformers `generate` baseline (how Label Studio's own Hugging Face example backend works).
+"""/predict against the raw vLLM engine it drives, and against the transformers `generate` baseline of Label
+Studio's own Hugging Face example, on the same work. Real model by default: the embedded SmolLM2-135M-Instruct.
 
-Prints one JSON object. Everything runs in this process's machine: a tiny random model is built
-unless --model is given, the real vLLM engine is started unless --engine-url is given, and the
-backend runs under granian exactly as `dataengine serve` runs it.
+Two comparisons, kept apart in the output:
 
-    .venv/bin/python bench/predict.py [--tasks 16] [--repeats 5] [--candidates 4]
+1. Serving overhead (`ratio_predict_over_engine`). The same external client (bench/replay.py: one pooled
+   keep-alive async httpx client, `--concurrency` tasks in flight, each task's requests one after another)
+   drives two legs over the same tasks:
+     * `predict`: one POST /predict per task to the backend, run as `dataengine serve` runs it (granian);
+     * `engine_direct`: straight to the vLLM server, exactly the engine requests /predict made for that task,
+       byte for byte, recorded beforehand through a pass-through proxy in front of the engine (a closed label
+       set: the choice-constrained 1-token request and the follow-ups for shared option prefixes; an open
+       output: the n-sample JSON-schema request).
+   Each repeat runs both legs, in alternating order, each from an empty prefix cache. The ratio per repeat is
+   /predict's throughput over the engine's (engine leg seconds / predict leg seconds); the JSON gives its
+   median and spread. vLLM's own counters (requests, prompt and generated tokens per task) show that both legs
+   gave the engine the same work.
+2. Speed-up over transformers on the same work (`speedup_vs_transformers`): Label Studio's example backend
+   (label-studio-ml-backend examples/huggingface_llm) runs `generate` on one task after another in the
+   backend process. Here: the same chat prompts as the recorded engine requests, one task after another,
+     * open outputs (`topics`): `generate(num_return_sequences=n, do_sample=True)` with the engine request's
+       n, temperature and max_tokens, versus our n constrained samples per task;
+     * closed label sets (`sentiment`): one greedy `generate` of an answer (max_new_tokens: the longest
+       option's tokens + 1), versus our option scoring, which gives every option a probability.
+   The ratio is /predict's median tasks/s over transformers' tasks/s.
+
+Prints one JSON object.
+
+    .venv/bin/python bench/predict.py                      # SmolLM2-135M-Instruct: the figures the README quotes
+    .venv/bin/python bench/predict.py --model tiny --tasks 16 --repeats 2 --transformers-tasks 4   # quick check
 """
 from __future__ import annotations
 
@@ -16,7 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -24,132 +46,220 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from backend.engine_client import EngineClient  # noqa: E402
-from backend.label_config import compile_label_config  # noqa: E402
-from backend.prompts import build_choice_messages, build_messages, option_answer  # noqa: E402
 from backend.settings import Settings  # noqa: E402
-from bench.common import sample_texts, start_engine  # noqa: E402
+from bench.common import resolve_model, sample_texts, start_engine  # noqa: E402
+from bench.replay import EngineCounters, RecordingProxy, Request, Unit, cpu_seconds, reset_prefix_cache, run_units  # noqa: E402
 from tests.conftest import run_backend  # noqa: E402
 
-WORKLOADS = ("sentiment", "topics")  # exhaustive scoring path, sampling path
+WORKLOADS = {
+    "sentiment": "closed label set: /predict scores every option (choice-constrained 1-token requests); "
+                 "transformers generates one answer greedily",
+    "topics": "open output: /predict draws n JSON-schema-constrained samples in one request; "
+              "transformers generates n unconstrained samples (num_return_sequences)",
+}
+TARGET_RATIO = 0.95
+TARGET_SPEEDUP = 5.0
 
 
-def time_interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
-    """Alternate the paths within each repeat so machine noise hits them alike (shared 2-core hosts)."""
-    for fn in fns.values():
-        fn()  # warm-up (grammar compilation, connection pools, per-worker config cache)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    xml: str
+    tasks: list[dict]
+    predict_units: list[Unit]
+    engine_units: list[Unit]
+
+    @property
+    def engine_bodies(self) -> list[list[dict]]:
+        return [[json.loads(r.body) for r in unit] for unit in self.engine_units]
 
 
-def via_backend(url: str, xml: str, tasks: list[dict]):
-    # One persistent client, as Label Studio keeps: a new httpx client per call costs ~30 ms (SSL context).
-    client = httpx.Client(timeout=300)
-
-    def run():
-        response = client.post(url + "/predict", json={"tasks": tasks, "label_config": xml, "project": "1.1"}, timeout=300)
-        response.raise_for_status()
-        return response.json()["results"]
-    return run
+def predict_body(xml: str, task: dict) -> bytes:
+    return json.dumps({"tasks": [task], "label_config": xml, "project": "1.1"}).encode()
 
 
-def via_engine(engine: EngineClient, xml: str, tasks: list[dict], candidates: int, settings: Settings):
-    """The same engine requests /predict makes, sent directly (no HTTP backend, no parsing)."""
-    config = compile_label_config(xml, settings=settings)
-    control = config.enumerable_control(settings.enumerate_max)
-    pool = ThreadPoolExecutor(max_workers=settings.predict_concurrency)
-
-    def one(task):
-        texts = config.read_task(task, settings.max_text_chars)
-        if control is not None:
-            labels = [control.describe_option(o) for o in control.options()]
-            answers = [option_answer(o) for o in control.options()]
-            return engine.score_options(build_choice_messages(config, texts, control, labels), answers)
-        return engine.sample(build_messages(config, texts), config.schema(texts), n=candidates, temperature=1.0,
-                             max_tokens=min(settings.max_new_tokens, config.max_answer_chars(texts) + 8))
-
-    return lambda: list(pool.map(one, tasks))
-
-
-def via_transformers(model_dir: str, xml: str, tasks: list[dict], candidates: int, settings: Settings):
-    """Label Studio's HF example style: chat template + model.generate(num_return_sequences=N), unconstrained."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-    config = compile_label_config(xml, settings=settings)
-
-    def run():
-        for task in tasks:
-            texts = config.read_task(task, settings.max_text_chars)
-            ids = tokenizer.apply_chat_template(build_messages(config, texts), add_generation_prompt=True, return_tensors="pt", return_dict=True)
-            with torch.no_grad():
-                model.generate(**ids, do_sample=True, num_return_sequences=candidates,
-                               max_new_tokens=min(64, config.max_answer_chars(texts) + 8), pad_token_id=tokenizer.pad_token_id)
-    return run
+def record_workloads(engine_url: str, names: list[str], texts: list[str], env: dict, workdir: Path) -> dict[str, list[list[bytes]]]:
+    """Per workload, per task: the engine requests /predict makes, recorded through a proxy (one task at a time)."""
+    recorded: dict[str, list[list[bytes]]] = {}
+    with RecordingProxy(engine_url) as proxy:
+        with run_backend(proxy.url, workdir / "record_model_dir", workdir / "record_backend.log", env) as (url, _):
+            client = httpx.Client(timeout=600)
+            for name in names:
+                xml = (REPO / "label_config" / f"{name}.xml").read_text()
+                recorded[name] = []
+                proxy.take()
+                for i, text in enumerate(texts):
+                    response = client.post(url + "/predict", content=predict_body(xml, task(i, text)),
+                                           headers={"Content-Type": "application/json"})
+                    response.raise_for_status()
+                    assert response.json()["results"][0], f"{name} task {i}: no predictions"
+                    recorded[name].append(proxy.take())
+    return recorded
 
 
-def summarize(times: list[float], tasks: int, candidates_per_task: float) -> dict:
-    median = statistics.median(times)
-    return {"median_s": round(median, 4), "tasks_per_s": round(tasks / median, 2),
-            "candidates_per_s": round(tasks * candidates_per_task / median, 2), "runs": len(times)}
+def task(i: int, text: str) -> dict:
+    return {"id": i + 1, "data": {"text": text}}
+
+
+def build_workload(name: str, texts: list[str], backend_url: str, engine_url: str, recorded: list[list[bytes]]) -> Workload:
+    xml = (REPO / "label_config" / f"{name}.xml").read_text()
+    tasks = [task(i, text) for i, text in enumerate(texts)]
+    predict_units = [[Request(backend_url + "/predict", predict_body(xml, t))] for t in tasks]
+    engine_units = [[Request(engine_url + "/v1/chat/completions", body) for body in bodies] for bodies in recorded]
+    return Workload(name, xml, tasks, predict_units, engine_units)
+
+
+def time_legs(workload: Workload, engine_url: str, backend_pid: int, concurrency: int, repeats: int) -> dict:
+    """Both legs per repeat, order alternating, each from an empty prefix cache; per leg vLLM's counters and the
+    CPU time of this client and of the backend (on a CPU-only host the backend's CPU is taken from the engine)."""
+    legs = {"predict": workload.predict_units, "engine_direct": workload.engine_units}
+    for units in legs.values():  # warm-up: grammar compilation, connection pools, the backend's config cache
+        run_units(units[: 2 * concurrency], concurrency)
+    seconds: dict[str, list[float]] = {name: [] for name in legs}
+    counters: dict[str, list[dict]] = {name: [] for name in legs}
+    cache_reset = True
+    for repeat in range(repeats):
+        order = list(legs) if repeat % 2 == 0 else list(reversed(legs))
+        for name in order:
+            cache_reset &= reset_prefix_cache(engine_url)
+            before, client_cpu, backend_cpu = EngineCounters.read(engine_url), time.process_time(), cpu_seconds(backend_pid)
+            seconds[name].append(run_units(legs[name], concurrency))
+            used = {"client_cpu_ms_per_task": 1000 * (time.process_time() - client_cpu) / len(workload.tasks),
+                    "backend_cpu_ms_per_task": 1000 * (cpu_seconds(backend_pid) - backend_cpu) / len(workload.tasks)}
+            counters[name].append({**EngineCounters.read(engine_url).since(before, len(workload.tasks)),
+                                   **{k: round(v, 2) for k, v in used.items()}})
+    return {"seconds": seconds, "counters": counters, "prefix_cache_reset": cache_reset}
+
+
+def spread(values: list[float], digits: int = 3) -> dict:
+    ordered = sorted(values)
+    quartiles = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 3
+    return {"median": round(statistics.median(ordered), digits), "min": round(ordered[0], digits),
+            "max": round(ordered[-1], digits), "q1": round(quartiles[0], digits), "q3": round(quartiles[2], digits)}
+
+
+def leg_summary(seconds: list[float], tasks: int, counters: list[dict]) -> dict:
+    return {
+        "tasks_per_s": spread([tasks / s for s in seconds], 2),
+        "seconds": [round(s, 3) for s in seconds],
+        "per_task": {key: statistics.median(c[key] for c in counters if c[key] is not None)
+                     if any(c[key] is not None for c in counters) else None for key in counters[0]},
+    }
+
+
+# --- transformers baseline --------------------------------------------------------------------------
+
+
+class TransformersBaseline:
+    """Label Studio's example shape: the model in the backend process, `generate` per task, one after another."""
+
+    def __init__(self, model_dir: str, dtype: str):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+
+    def generate(self, body: dict) -> None:
+        """The same work as one engine request: its prompt; n samples (open outputs) or one greedy answer long
+        enough for the longest option (closed sets: the body of the first option-scoring request)."""
+        inputs = self.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True, return_tensors="pt",
+                                                    return_dict=True)
+        choices = (body.get("structured_outputs") or {}).get("choice")
+        if choices:
+            longest = max(len(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in choices)
+            options = {"do_sample": False, "max_new_tokens": longest + 1}
+        else:
+            options = {"do_sample": True, "temperature": body.get("temperature", 1.0),
+                       "num_return_sequences": body.get("n", 1), "max_new_tokens": body["max_tokens"]}
+        with self.torch.no_grad():
+            self.model.generate(**inputs, pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **options)
+
+    def time_tasks(self, bodies: list[list[dict]], repeats: int) -> list[float]:
+        """Seconds per pass over the tasks (each task: its first engine request's work)."""
+        self.generate(bodies[0][0])  # warm-up
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for task_bodies in bodies:
+                self.generate(task_bodies[0])
+            times.append(time.perf_counter() - started)
+        return times
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+
+def compare(workload: Workload, timed: dict, hf_times: list[float] | None, hf_tasks: int) -> dict:
+    seconds, counters = timed["seconds"], timed["counters"]
+    tasks = len(workload.tasks)
+    ratios = [e / p for p, e in zip(seconds["predict"], seconds["engine_direct"])]
+    entry = {
+        "what": WORKLOADS[workload.name],
+        "engine_requests_per_task": round(sum(len(u) for u in workload.engine_units) / tasks, 2),
+        "predict": leg_summary(seconds["predict"], tasks, counters["predict"]),
+        "engine_direct": leg_summary(seconds["engine_direct"], tasks, counters["engine_direct"]),
+        "ratio_predict_over_engine": {**spread(ratios), "per_repeat": [round(r, 3) for r in ratios]},
+        "prefix_cache_reset_per_leg": timed["prefix_cache_reset"],
+    }
+    entry["overhead_pct"] = round(100 * (1 / entry["ratio_predict_over_engine"]["median"] - 1), 1)
+    entry["target_ratio"] = {"min": TARGET_RATIO, "met": entry["ratio_predict_over_engine"]["median"] >= TARGET_RATIO}
+    if hf_times:
+        hf_rate = spread([hf_tasks / s for s in hf_times], 3)
+        speedup = entry["predict"]["tasks_per_s"]["median"] / hf_rate["median"]
+        entry["transformers_generate"] = {"tasks": hf_tasks, "tasks_per_s": hf_rate, "seconds": [round(s, 2) for s in hf_times]}
+        entry["speedup_vs_transformers"] = round(speedup, 2)
+        entry["target_speedup"] = {"min": TARGET_SPEEDUP, "met": speedup >= TARGET_SPEEDUP}
+    return entry
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="model directory, or 'tiny' for a tiny random model (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model-name", help="served model name (default: the directory's name; 'tiny' for --model tiny)")
+    parser.add_argument("--engine-url", help="a running engine serving --model as --model-name (default: start one; "
+                        "a shared engine's other traffic spoils the timings and its prefix cache cannot be reset)")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ", ".join(WORKLOADS))
+    parser.add_argument("--tasks", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=16, help="tasks in flight, both legs (the backend's 2 x 8 threads)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--candidates", type=int, default=4)
+    parser.add_argument("--transformers-tasks", type=int, default=16, help="tasks (the first ones) timed for transformers")
+    parser.add_argument("--transformers-repeats", type=int, default=2)
+    parser.add_argument("--transformers-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="float32: the example's pipeline default, and on CPU the faster one for transformers")
+    parser.add_argument("--skip-transformers", action="store_true")
+    return parser.parse_args()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--candidates", type=int, default=4)
-    parser.add_argument("--model", help="model directory (default: build a tiny random one)")
-    parser.add_argument("--engine-url", help="use a running engine serving --model as --model-name")
-    parser.add_argument("--model-name", default="tiny")
-    parser.add_argument("--skip-transformers", action="store_true")
-    args = parser.parse_args()
-    if args.engine_url and not args.model and not args.skip_transformers:
-        parser.error("--engine-url needs --model (the model it serves) for the transformers baseline, or --skip-transformers")
-
+    args = parse_args()
+    names = [n for n in args.workloads.split(",") if n]
     workdir = Path(tempfile.mkdtemp(prefix="dataengine-bench-"))
-    bench_engine = start_engine(workdir, engine_url=args.engine_url, model=args.model, model_name=args.model_name)
-    engine_url, model_dir = bench_engine.url, bench_engine.model
-    settings = Settings(candidates=args.candidates)  # what /predict's settings would be: limits, concurrency
-    backend_env = {"DATAENGINE_SERVED_MODEL_NAME": args.model_name, "DATAENGINE_CANDIDATES": str(args.candidates),
-                   "DATAENGINE_LOG_LEVEL": "WARNING"}
-    backend = run_backend(engine_url, workdir / "model_dir", workdir / "backend.log", backend_env)
-    backend_url, _ = backend.__enter__()
-    engine = EngineClient(engine_url, args.model_name, timeout=300)
+    model_dir, model_name = resolve_model(args.model, args.model_name, workdir)
+    os.environ.setdefault("VLLM_SERVER_DEV_MODE", "1")  # our engine offers /reset_prefix_cache
+    engine = start_engine(workdir, engine_url=args.engine_url, model=model_dir, model_name=model_name)
+    env = {"DATAENGINE_SERVED_MODEL_NAME": model_name, "DATAENGINE_CANDIDATES": str(args.candidates),
+           "DATAENGINE_LOG_LEVEL": "WARNING"}
     texts = sample_texts(args.tasks)
-    report = {"tasks_per_request": args.tasks, "candidates": args.candidates, "repeats": args.repeats, "workloads": {}}
+    report = {"model": model_name, "engine_started_by_bench": args.engine_url is None, "cpu_count": os.cpu_count(),
+              "transformers_dtype": None if args.skip_transformers else args.transformers_dtype,
+              "tasks": args.tasks, "concurrency": args.concurrency, "repeats": args.repeats,
+              "candidates": args.candidates, "workloads": {}}
     try:
-        for name in WORKLOADS:
-            xml = (REPO / "label_config" / f"{name}.xml").read_text()
-            tasks = [{"id": i, "data": {"text": text}} for i, text in enumerate(texts)]
-            results = via_backend(backend_url, xml, tasks)()
-            per_task = sum(len(r) for r in results) / len(results)
-            times = time_interleaved(
-                {"predict": via_backend(backend_url, xml, tasks), "engine": via_engine(engine, xml, tasks, args.candidates, settings)},
-                args.repeats,
-            )
-            backend_times, engine_times = times["predict"], times["engine"]
-            entry = {
-                "predict": summarize(backend_times, len(tasks), per_task),
-                "engine_direct": summarize(engine_times, len(tasks), per_task),
-            }
-            entry["overhead_vs_engine_pct"] = round(100 * (statistics.median(backend_times) / statistics.median(engine_times) - 1), 1)
-            if not args.skip_transformers:
-                hf_times = time_interleaved({"hf": via_transformers(model_dir, xml, tasks, args.candidates, settings)}, max(1, args.repeats // 3))["hf"]
-                entry["transformers_generate"] = summarize(hf_times, len(tasks), args.candidates)
-                entry["speedup_vs_transformers"] = round(statistics.median(hf_times) / statistics.median(backend_times), 2)
-            report["workloads"][name] = entry
+        recorded = record_workloads(engine.url, names, texts, env, workdir)
+        baseline = None if args.skip_transformers else TransformersBaseline(model_dir, args.transformers_dtype)
+        with run_backend(engine.url, workdir / "model_dir", workdir / "backend.log", env) as (backend_url, backend):
+            for name in names:
+                workload = build_workload(name, texts, backend_url, engine.url, recorded[name])
+                timed = time_legs(workload, engine.url, backend.pid, args.concurrency, args.repeats)
+                hf_tasks = min(args.transformers_tasks, len(texts))
+                hf_times = baseline.time_tasks(workload.engine_bodies[:hf_tasks], args.transformers_repeats) if baseline else None
+                report["workloads"][name] = compare(workload, timed, hf_times, hf_tasks)
     finally:
-        backend.__exit__(None, None, None)
-        bench_engine.stop()
+        engine.stop()
     print(json.dumps(report, indent=2))
 
 

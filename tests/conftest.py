@@ -93,6 +93,7 @@ def make_settings(model_dir: Path, engine_url: str = "", **overrides) -> Setting
         label_studio_api_key="",
         basic_auth_user="",
         basic_auth_pass="",
+        redis_url=redis_db(0),  # the suite's shared database; a file that reads what it wrote owns another
     )
     values.update(overrides)
     return Settings(**values)

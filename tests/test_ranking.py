@@ -282,7 +282,7 @@ class ScoringEngine:
     def __init__(self, delay: float = 0.0):
         self.delay, self.in_flight, self._lock = delay, 0, threading.Lock()
 
-    def score_options(self, messages, options, *, model=None):
+    def score_options(self, messages, options, *, model=None, usage=None):
         with self._lock:
             self.in_flight += 1
         try:

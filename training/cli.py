@@ -194,14 +194,45 @@ def print_report(project: str, out: Path) -> int:
     from .report import project_report, write_report
 
     settings = get_settings()
-    report = project_report(settings.projects_dir, project, settings.model_name)
+    report = project_report(settings.projects_dir, project, settings.model_name, read_usage(settings, project))
     json_path, png = write_report(report, out)
     print(f"project {project}: serving {report['serving']}, {len(report['rounds'])} decisions")
     for r in report["rounds"]:
         score = "" if r["candidate_score"] is None else f" candidate={r['candidate_score']:.3f} current={r['current_score']:.3f}"
         print(f"  {r['decision']:<9} {r['version']:<28}{score}  {r['reason']}")
+    print_cost(report["cost"])
     print(f"written: {json_path}" + (f", {png}" if png else ""))
     return 0
+
+
+def read_usage(settings, project: str):
+    """The project's engine usage rows from Redis; None (and a note) when Redis cannot be read."""
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    from backend.usage import usage_rows
+
+    try:
+        return usage_rows(Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0), [project])
+    except RedisError as exc:
+        print(f"note: engine usage not read, Redis is unreachable ({exc.__class__.__name__})", file=sys.stderr)
+        return None
+
+
+def print_cost(cost: dict | None) -> None:
+    """Per model version: tokens and engine seconds per 1,000 tasks at the measured rate."""
+    if not cost:
+        print("  cost: no engine usage recorded" if cost is not None else "  cost: unknown (Redis unreachable)")
+        return
+    print("  cost per 1,000 tasks (engine seconds: summed request latencies):")
+    for version, entry in cost.items():
+        rate = entry["per_1000_tasks"]
+        sources = ", ".join(f"{name} {s['tasks']}" for name, s in entry["sources"].items())
+        if rate is None:
+            print(f"    {version:<28} no tasks counted ({entry['requests']} engine requests)")
+            continue
+        print(f"    {version:<28} prompt tokens {rate['prompt_tokens']:>10,.0f}  completion tokens "
+              f"{rate['completion_tokens']:>9,.0f}  engine s {rate['engine_seconds']:>8,.1f}  (tasks: {sources})")
 
 
 def print_jobs(limit: int) -> int:

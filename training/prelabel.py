@@ -39,6 +39,7 @@ from backend.projects import ProjectStore
 from backend.ranking import CandidateFiller, FilledTask, RankingConfig, compile_ranking_config, is_comparison_config
 from backend.registry import ServingVersion, VersionReader
 from backend.settings import Settings, get_settings
+from backend.usage import Usage, UsageStore
 
 from .export import task_as_dict
 from .locks import renewed_lock
@@ -81,10 +82,12 @@ class PrelabelSummary:
     seconds: float = 0.0
     upload_seconds: float = 0.0  # time the uploader spent writing to Label Studio (overlaps the engine work)
     errors: list[dict[str, Any]] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)  # engine tokens and seconds of this run (failed tasks' included)
 
     def as_dict(self) -> dict[str, Any]:
         summary = asdict(self)
         summary["tasks_per_s"] = round(self.done / self.seconds, 2) if self.seconds else None
+        summary["usage"] = self.usage.summary(self.done, self.seconds)  # and what 1,000 tasks cost at this rate
         return summary
 
 
@@ -94,13 +97,18 @@ class _Result:
     predictions: list[dict[str, Any]]
     data: dict[str, Any] | None = None  # ranking configs: the task's new data
     superseded: tuple[int, ...] = ()  # ids of our predictions the new ones replace
+    usage: Usage = field(default_factory=Usage)
 
 
 class Prelabeler:
     """One run over one project. `engine` and `ls` are injectable (bench, tests); by default from settings."""
 
-    def __init__(self, settings: Settings, engine: EngineClient | None = None, ls=None):
+    def __init__(self, settings: Settings, engine: EngineClient | None = None, ls=None, usage: UsageStore | None = None):
         self.settings = settings
+        # where the run's engine usage is counted for /metrics and `dataengine report` (never fails the run)
+        self.usage = usage or UsageStore(
+            Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0), settings.max_projects
+        )
         self._own_engine = engine is None
         if engine is None:
             if not settings.engine_url:
@@ -132,6 +140,8 @@ class Prelabeler:
         tqdm_bar = _progress_bar(summary, options, bar)
         on_upload = (lambda: progress(summary)) if progress else None
         uploader = _Uploader(self.ls, int(options.project), self.settings.prelabel_batch_size, summary, on_upload)
+        meter = _UsageMeter(self.usage, options.project, plan.version.name, self.settings.prelabel_batch_size)
+        plan.meter = meter
         try:
             # closing(): on an error the pool drains and the task reader stops here, not when garbage collected
             with closing(self._todo(plan, options, tqdm_bar)) as todo, closing(self._results(plan, todo)) as results:
@@ -142,6 +152,7 @@ class Prelabeler:
             uploader.close()
         finally:
             uploader.abandon()
+            meter.flush()
             summary.seconds = time.monotonic() - started
             if tqdm_bar is not None:
                 tqdm_bar.close()
@@ -221,7 +232,10 @@ class Prelabeler:
         summary = plan.summary
         for future in finished:
             outcome = future.result()  # engine/server errors (5xx) end the run: resumable, nothing half-written
-            if isinstance(outcome, TaskFailure):
+            done = not isinstance(outcome, TaskFailure)
+            summary.usage.add(outcome.usage)
+            plan.meter.add(outcome.usage, tasks=int(done))
+            if not done:
                 _record_failure(summary, outcome)
                 continue
             summary.done += 1
@@ -234,7 +248,7 @@ class Prelabeler:
                 temperature=plan.temperature, instructions=plan.instructions,
             )
             if isinstance(filled, FilledTask):
-                return _Result(filled.task_id, [filled.prediction], filled.data, plan.superseded(task))
+                return _Result(filled.task_id, [filled.prediction], filled.data, plan.superseded(task), filled.usage)
             return filled
         request = PredictRequest(
             config=plan.config, tasks=[task], version=plan.version, candidates=plan.candidates,
@@ -244,7 +258,7 @@ class Prelabeler:
         outcome = self.predictor.predict_each(request)
         if outcome.failures:
             return outcome.failures[0]
-        return _Result(task.get("id"), outcome.predictions[0], superseded=plan.superseded(task))
+        return _Result(task.get("id"), outcome.predictions[0], superseded=plan.superseded(task), usage=outcome.usage)
 
 
 @dataclass
@@ -257,6 +271,7 @@ class _Plan:
     summary: PrelabelSummary
     candidates: int
     temperature: float
+    meter: "_UsageMeter | None" = None  # set by `run`
 
     def already_done(self, task: dict[str, Any]) -> bool:
         if self.ranking is not None:
@@ -280,6 +295,25 @@ class _Plan:
             for p in task.get("predictions") or []
             if isinstance(p, dict) and p.get("model_version") in versions and p.get("id") not in kept
         )
+
+
+class _UsageMeter:
+    """The run's engine usage, counted in Redis (source "prelabel") every `every` tasks and at the end."""
+
+    def __init__(self, store: UsageStore, project: str, version: str, every: int):
+        self.store, self.project, self.version, self.every = store, project, version, every
+        self.pending, self.tasks = Usage(), 0
+
+    def add(self, usage: Usage, tasks: int) -> None:
+        self.pending.add(usage)
+        self.tasks += tasks
+        if self.tasks >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending.requests or self.tasks:
+            self.store.record(self.project, self.version, "prelabel", self.pending, self.tasks)
+        self.pending, self.tasks = Usage(), 0
 
 
 class _Uploader:

@@ -1,14 +1,20 @@
-"""`dataengine report`: what each training round decided, and learning-curve plots (PNG + JSON)."""
+"""`dataengine report`: what each training round decided, what labelling cost per model version (engine tokens
+and seconds per 1,000 tasks, from the counts backend/usage.py keeps in Redis), and learning-curve plots (PNG + JSON)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
 
+from backend.usage import UsageRow, by_version
+
 from .registry import Registry
 
 
-def project_report(projects_dir: Path, project: str, model_name: str) -> dict[str, Any]:
+def project_report(
+    projects_dir: Path, project: str, model_name: str, usage: list[UsageRow] | None = None
+) -> dict[str, Any]:
+    """`usage`: the project's stored engine usage (None: Redis could not be read, the report says so)."""
     registry = Registry(projects_dir, project, model_name)
     rounds = []
     for decision in registry.decisions():
@@ -24,7 +30,12 @@ def project_report(projects_dir: Path, project: str, model_name: str) -> dict[st
                 "heldout_tasks": (evaluation.get("candidate") or {}).get("tasks"),
             }
         )
-    return {"project": project, "serving": registry.current_name() or f"{model_name}-base", "rounds": rounds}
+    return {
+        "project": project,
+        "serving": registry.current_name() or f"{model_name}-base",
+        "rounds": rounds,
+        "cost": None if usage is None else by_version(usage),
+    }
 
 
 def plot_learning_curve(points: list[dict[str, Any]], png: Path, title: str, baseline: float | None = None) -> Path:
