@@ -83,6 +83,17 @@ def engine_url(tiny_model_dir, tmp_path_factory) -> str:
     engine.stop()
 
 
+@pytest.fixture
+def fresh_settings():
+    """For tests that set environment variables and then run code that reads `get_settings()` (the CLI): the
+    cached settings of earlier tests must not leak in, nor these out."""
+    from backend.settings import get_settings
+
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
 def make_settings(model_dir: Path, engine_url: str = "", **overrides) -> Settings:
     values = dict(
         model="tiny-model-dir",

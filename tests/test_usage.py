@@ -132,7 +132,7 @@ def test_prelabel_run_counts_its_usage_in_metrics_and_prints_the_cost_of_1000_ta
     assert cost(samples, "requests", "5", "prelabel") == usage["requests"]
 
 
-def test_report_prints_tokens_and_engine_seconds_per_1000_tasks_per_version(tmp_path, redis, monkeypatch, capsys):
+def test_report_prints_tokens_and_engine_seconds_per_1000_tasks_per_version(tmp_path, redis, monkeypatch, capsys, fresh_settings):
     store = UsageStore(redis, max_projects=10)
     store.record("5", VERSION, "prelabel", Usage(requests=8, prompt_tokens=800, completion_tokens=8, engine_seconds=2.0), tasks=4)
     store.record("5", VERSION, "predict", Usage(requests=2, prompt_tokens=200, completion_tokens=2, engine_seconds=0.5), tasks=1)
