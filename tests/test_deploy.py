@@ -29,7 +29,7 @@ SERVICES = COMPOSE["services"]
 ENV_EXAMPLE = (REPO / ".env.example").read_text()
 MODEL_DIR_VOLUME = "model-dir"
 GPU_SERVICES, CPU_SERVICES = {"engine", "worker"}, {"engine-cpu", "worker-cpu"}
-ALWAYS_ON = {"label-studio", "backend", "redis", "model-init"}
+ALWAYS_ON = {"label-studio", "backend", "redis", "model-init", "prelabel-worker"}
 
 
 # --- .env.example ------------------------------------------------------------------------------------
@@ -141,10 +141,10 @@ def test_named_volumes_are_declared():
 
 
 def test_backend_worker_and_engine_share_model_dir_at_the_same_path():
-    sharing = ["backend", "worker", "worker-cpu", "engine", "engine-cpu"]
+    sharing = ["backend", "worker", "worker-cpu", "prelabel-worker", "engine", "engine-cpu"]
     targets = {name: mounts(name).get(MODEL_DIR_VOLUME) for name in sharing}
     assert None not in targets.values() and len(set(targets.values())) == 1, targets
-    for name in ("backend", "worker", "worker-cpu"):
+    for name in ("backend", "worker", "worker-cpu", "prelabel-worker"):
         assert env(name)["MODEL_DIR"] == targets["backend"], f"{name}: MODEL_DIR must be where the volume is"
 
 
@@ -188,8 +188,11 @@ def test_ports_and_wiring():
     assert backend["REDIS_URL"] == "redis://redis:6379/0"
     assert backend["LABEL_STUDIO_URL"] == "http://label-studio:8080"
     assert SERVICES["engine-cpu"]["networks"]["default"]["aliases"] == ["engine"]
-    for worker in ("worker", "worker-cpu"):
-        assert SERVICES[worker]["command"] == ["dataengine", "worker"]
+    for worker in ("worker", "worker-cpu"):  # GPU (or CPU-host) workers train
+        assert SERVICES[worker]["command"] == ["dataengine", "worker", "--queues", "training"]
+    assert SERVICES["prelabel-worker"]["command"] == ["dataengine", "worker", "--queues", "prelabel"]
+    assert "deploy" not in SERVICES["prelabel-worker"], "the prelabel worker needs no GPU"
+    for worker in ("worker", "worker-cpu", "prelabel-worker"):
         assert SERVICES[worker]["image"] == SERVICES["backend"]["image"]
     for name in ("backend", "worker"):
         assert SERVICES[name]["env_file"] == [{"path": ".env", "required": False}]
