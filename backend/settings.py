@@ -103,6 +103,8 @@ class Settings(BaseSettings):
     min_pairs: int = Field(8, ge=1)  # fewer preference pairs than this: no training this round
     promote_margin: float = Field(0.0, ge=0.0, le=1.0)  # candidate may be this much worse and still promote
     eval_min_tasks: int = Field(5, ge=0)  # fewer held-out tasks: promote without an evaluation (recorded)
+    train_processes: int = Field(1, ge=1)  # >1: a round's training runs under `accelerate launch` (training/launch.py)
+    accelerate_config: str = ""  # an accelerate config file (FSDP, DeepSpeed ZeRO ...) for launched rounds
 
     # HTTP server
     workers: int = Field(2, ge=1)

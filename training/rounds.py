@@ -154,10 +154,25 @@ def model_parameters(model_path: str) -> int | None:
 
 def _train_version(inputs: RoundInputs, kind: ProjectKind, registry: Registry, parent: str, settings: Settings,
                    progress: Progress) -> VersionRecord:
-    from .reward_model import RewardSettings, train_reward_model
-
     name = registry.next_version_name()
     staged = registry.staging_dir(name)
+    if settings.train_processes > 1 or settings.accelerate_config:
+        from .launch import train_launched
+
+        metrics = train_launched(inputs, staged, settings, progress)  # `accelerate launch`, a child process
+    else:
+        metrics = train_models(inputs, kind, staged, settings, progress)
+    return registry.create_version(name, staged, parent=parent, snapshot_hash=inputs.snapshot.content_hash, metrics=metrics,
+                                   engine_model=_engine_model(settings))
+
+
+def train_models(inputs: RoundInputs, kind: ProjectKind, staged: Path, settings: Settings, progress: Progress
+                 ) -> dict[str, Any]:
+    """The reward model, then the policy, written into `staged`; their metrics. In this process, or in each process
+    of a launched round (training/launch.py), where the main one writes the files."""
+    from .distributed import wait_for_everyone
+    from .reward_model import RewardSettings, train_reward_model
+
     train_pairs = [p for p in inputs.derived.pairs if not is_heldout(p.task_id)]
     progress("reward_model", pairs=len(train_pairs))
     rm = train_reward_model(
@@ -169,14 +184,14 @@ def _train_version(inputs: RoundInputs, kind: ProjectKind, registry: Registry, p
         progress=lambda event: progress("reward_model", **_loggable(event)),
     )
     metrics: dict[str, Any] = {"reward_model": rm.metrics}
+    wait_for_everyone()  # the reward model is on disk before any process reads it (GRPO/RLOO rewards)
     algo, why = policy_plan(settings, kind)
     if algo == "none":
         metrics["policy"] = {"skipped": why}
     else:
         metrics["policy"] = _train_policy(inputs, kind, staged, str(rm.path), algo, settings, progress)
         metrics["policy"]["why"] = why
-    return registry.create_version(name, staged, parent=parent, snapshot_hash=inputs.snapshot.content_hash, metrics=metrics,
-                                   engine_model=_engine_model(settings))
+    return metrics
 
 
 def _engine_model(settings: Settings) -> str | None:
