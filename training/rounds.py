@@ -87,6 +87,7 @@ def learn(inputs: RoundInputs, settings: Settings, progress: Progress) -> dict[s
     try:
         return _gate(inputs, kind, registry, record, current, settings, progress)
     except Exception:
+        _drop_stage_adapters(record, settings)
         registry.discard(record)  # the retried round starts clean
         raise
 
