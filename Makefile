@@ -13,6 +13,7 @@ run: setup
 	$(VENV)/bin/dataengine serve
 
 test: setup
+	@scripts/setup.sh test-tools
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 tiny-model: setup

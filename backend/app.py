@@ -305,7 +305,7 @@ def _install_routes(app: Flask, services: Services) -> None:
 
     @app.get("/metrics")
     def prometheus_metrics():
-        payload, content_type = metrics.render(services.queue.redis, settings.queue_name)
+        payload, content_type = metrics.render(services.queue.redis, [q.name for q in services.queue.queues.values()])
         return Response(payload, content_type=content_type)
 
 

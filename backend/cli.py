@@ -54,7 +54,7 @@ def serve(settings: Settings) -> int:
 def start_worker() -> subprocess.Popen:
     """The RQ worker as a child process (started by module name: backend never imports training)."""
     log.info("starting the RQ worker (REDIS_URL=%s)", redact_url(get_settings().redis_url))
-    return subprocess.Popen([sys.executable, "-m", "training.cli", "worker"])
+    return subprocess.Popen([sys.executable, "-m", "training.cli", "worker", "--queues", "training,prelabel"])
 
 
 def run_http_server(settings: Settings) -> None:

@@ -217,7 +217,8 @@ class EngineClient:
                     raise
 
     def ensure_adapter(self, name: str, path: str) -> None:
-        """Load once per process; `forget_adapter` after an engine restart makes the next call reload."""
+        """Load once per process; `forget_adapter` after an engine restart makes the next call reload. Only for
+        engines without the LoRA filesystem resolver: with it, a request naming the adapter loads it."""
         if name in self._adapters:
             return
         if not Path(path).is_dir():
@@ -230,11 +231,19 @@ class EngineClient:
         self._adapters.discard(name)
 
     def loaded_models(self) -> list[str]:
+        return [m["id"] for m in self._models()]
+
+    def served_model_path(self) -> str:
+        """Where the engine loaded its base model from (its `--model`, `root` in /v1/models): vLLM's LoRA filesystem
+        resolver only loads an adapter whose `base_model_name_or_path` is exactly this."""
+        return next((m.get("root") or self.model for m in self._models() if m.get("id") == self.model), self.model)
+
+    def _models(self) -> list[dict[str, Any]]:
         try:
             body = self._http.get(self.base_urls[0] + "/v1/models", timeout=5.0).json()
         except (httpx.HTTPError, ValueError) as exc:
             raise EngineUnavailable(f"cannot list the engine's models: {exc}") from exc
-        return [m["id"] for m in body.get("data", [])]
+        return body.get("data", [])
 
     def close(self) -> None:
         self._http.close()

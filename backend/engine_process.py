@@ -91,6 +91,17 @@ def image_limit_args(settings: Settings) -> list[str]:
     return ["--limit-mm-per-prompt", json.dumps(limits)]
 
 
+def lora_resolver_environment(settings: Settings) -> dict[str, str]:
+    """Hot swap without being told: vLLM's own `lora_filesystem_resolver` plugin loads an adapter the first time a
+    request names one it does not know, from VLLM_LORA_RESOLVER_CACHE_DIR/<name>/ (MODEL_DIR/adapters, written
+    by training/registry.py), so every engine replica behind any load balancer serves every promoted version."""
+    return {
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+        "VLLM_PLUGINS": "lora_filesystem_resolver",
+        "VLLM_LORA_RESOLVER_CACHE_DIR": str(settings.adapters_dir.resolve()),
+    }
+
+
 @dataclass
 class EngineProcess:
     """A supervised `python -m vllm.entrypoints.openai.api_server` child process."""
@@ -129,7 +140,8 @@ class EngineProcess:
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")  # hot swap of promoted adapters
+        for name, value in lora_resolver_environment(self.settings).items():
+            env.setdefault(name, value)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         env.setdefault("DO_NOT_TRACK", "1")
@@ -150,6 +162,7 @@ class EngineProcess:
     def start(self) -> str:
         model_path = self.resolved_model()
         cmd = self.command(model_path)
+        self.settings.adapters_dir.mkdir(parents=True, exist_ok=True)  # the resolver plugin refuses a missing one
         self.log_path = self.log_path or Path(self.settings.model_dir) / "engine.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting engine: %s (log: %s)", " ".join(cmd), self.log_path)

@@ -1,6 +1,9 @@
 """Recording feedback in Redis and scheduling training jobs on RQ — the serving side of the queue.
 
 Jobs are enqueued by dotted name ("training.jobs...."), so the backend never imports training code.
+Two RQ queues, so that a long training round never delays candidate filling: `<DATAENGINE_QUEUE_NAME>-training`
+(training rounds) and `<DATAENGINE_QUEUE_NAME>-prelabel` (pre-labelling, candidate filling, the reconcile pass).
+A worker listens to one or both (`dataengine worker --queues training,prelabel`).
 Redis layout (prefix `dataengine:`):
   events:<project>   stream of every webhook event received (capped), the audit trail
   changes:<project>  annotation changes since the last training trigger
@@ -30,6 +33,8 @@ TRAIN_FUNC = "training.jobs.run_training_round"
 RECONCILE_FUNC = "training.jobs.reconcile"
 EVENTS_MAXLEN = 100_000
 ACTIVE = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.STARTED}
+TRAINING, PRELABEL = "training", "prelabel"
+QUEUE_KINDS = (TRAINING, PRELABEL)
 
 # Admit a project: already known, or room for one more (then it is added); returns 1 when admitted.
 ADMIT_PROJECT = """
@@ -71,6 +76,20 @@ def key(*parts: str) -> str:
     return PREFIX + ":".join(parts)
 
 
+def queue_names(prefix: str) -> dict[str, str]:
+    """The RQ queue of each kind of job: `<prefix>-training`, `<prefix>-prelabel`."""
+    return {kind: f"{prefix}-{kind}" for kind in QUEUE_KINDS}
+
+
+def parse_queue_kinds(raw: str) -> tuple[str, ...]:
+    """`training,prelabel` (any order, either alone) -> the kinds; a ValueError naming what is wrong."""
+    kinds = tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
+    unknown = [kind for kind in kinds if kind not in QUEUE_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"queues {raw!r}: name one or both of {', '.join(QUEUE_KINDS)}")
+    return kinds
+
+
 class FeedbackQueue:
     @classmethod
     def from_settings(cls, settings) -> "FeedbackQueue":
@@ -94,7 +113,9 @@ class FeedbackQueue:
         max_projects: int = 1000,
     ):
         self.redis = Redis.from_url(redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
-        self.queue = Queue(queue_name, connection=self.redis)
+        self.queues = {kind: Queue(name, connection=self.redis) for kind, name in queue_names(queue_name).items()}
+        self.training = self.queues[TRAINING]  # training rounds
+        self.prelabel = self.queues[PRELABEL]  # pre-labelling, candidate filling, reconcile
         self.train_every = train_every
         self.job_timeout = job_timeout
         self.retry_intervals = retry_intervals if retry_intervals is not None else [10, 60, 300]
@@ -175,7 +196,7 @@ class FeedbackQueue:
                     return current.id
                 if status in ACTIVE:
                     return current.id  # queued: it will read everything when it starts
-            job = self.queue.enqueue(
+            job = self.training.enqueue(
                 TRAIN_FUNC,
                 project,
                 reason,
@@ -206,16 +227,17 @@ class FeedbackQueue:
 
     def _list_jobs(self, limit: int) -> list[dict[str, Any]]:
         ids: list[str] = []
-        registries = [
-            self.queue.started_job_registry,
-            self.queue.deferred_job_registry,
-            self.queue.scheduled_job_registry,
-            self.queue.failed_job_registry,
-            self.queue.finished_job_registry,
-        ]
-        ids.extend(self.queue.get_job_ids())
-        for registry in registries:
-            ids.extend(registry.get_job_ids())
+        for queue in self.queues.values():
+            registries = [
+                queue.started_job_registry,
+                queue.deferred_job_registry,
+                queue.scheduled_job_registry,
+                queue.failed_job_registry,
+                queue.finished_job_registry,
+            ]
+            ids.extend(queue.get_job_ids())
+            for registry in registries:
+                ids.extend(registry.get_job_ids())
         jobs = [job for job in Job.fetch_many(list(dict.fromkeys(ids)), connection=self.redis) if job is not None]
         jobs.sort(key=lambda j: j.enqueued_at or j.created_at, reverse=True)
         return [describe_job(job) for job in jobs[:limit]]

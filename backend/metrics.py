@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from prometheus_client import REGISTRY, CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import multiprocess
@@ -90,9 +90,9 @@ def record_training_job(redis: Redis, outcome: str, seconds: float) -> None:
 class RedisCollector:
     """Reads queue depth and training-job totals from Redis at scrape time."""
 
-    def __init__(self, redis: Redis, queue_name: str):
+    def __init__(self, redis: Redis, queue_names: Sequence[str]):
         self.redis = redis
-        self.queue_name = queue_name
+        self.queue_names = list(queue_names)
 
     def describe(self) -> list[Metric]:
         return []  # never touch Redis at registration
@@ -112,22 +112,23 @@ class RedisCollector:
             yield from family
 
     def _queue_families(self) -> list[Metric]:
-        queue = Queue(self.queue_name, connection=self.redis)
         jobs = GaugeMetricFamily(
             "dataengine_queue_jobs", "RQ jobs by state (state=\"queued\" is the queue depth)", labels=["queue", "state"]
         )
-        counts = {
-            "queued": queue.count,
-            # cleanup=False: a scrape only reads; RQ's own maintenance moves abandoned jobs.
-            "started": queue.started_job_registry.get_job_count(cleanup=False),
-            "scheduled": queue.scheduled_job_registry.get_job_count(cleanup=False),
-            "deferred": queue.deferred_job_registry.get_job_count(cleanup=False),
-            "failed": queue.failed_job_registry.get_job_count(cleanup=False),
-        }
-        for state, value in counts.items():
-            jobs.add_metric([self.queue_name, state], value)
         workers = GaugeMetricFamily("dataengine_queue_workers", "RQ workers listening on the queue", labels=["queue"])
-        workers.add_metric([self.queue_name], Worker.count(connection=self.redis, queue=queue))
+        for name in self.queue_names:
+            queue = Queue(name, connection=self.redis)
+            counts = {
+                "queued": queue.count,
+                # cleanup=False: a scrape only reads; RQ's own maintenance moves abandoned jobs.
+                "started": queue.started_job_registry.get_job_count(cleanup=False),
+                "scheduled": queue.scheduled_job_registry.get_job_count(cleanup=False),
+                "deferred": queue.deferred_job_registry.get_job_count(cleanup=False),
+                "failed": queue.failed_job_registry.get_job_count(cleanup=False),
+            }
+            for state, value in counts.items():
+                jobs.add_metric([name, state], value)
+            workers.add_metric([name], Worker.count(connection=self.redis, queue=queue))
         return [jobs, workers]
 
     def _training_family(self) -> list[Metric]:
@@ -170,7 +171,7 @@ USAGE_SERIES = (
 )
 
 
-def render(redis: Redis | None = None, queue_name: str = "dataengine") -> tuple[bytes, str]:
+def render(redis: Redis | None = None, queue_names: Sequence[str] = ()) -> tuple[bytes, str]:
     """The /metrics payload: this process's (or every HTTP worker process's) metrics plus Redis-held state."""
     registry = CollectorRegistry(auto_describe=False)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -178,5 +179,5 @@ def render(redis: Redis | None = None, queue_name: str = "dataengine") -> tuple[
     else:
         registry.register(REGISTRY)
     if redis is not None:
-        registry.register(RedisCollector(redis, queue_name))
+        registry.register(RedisCollector(redis, queue_names))
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -168,23 +168,25 @@ class Predictor:
         try:
             return self._ask_engine(request, item)
         except UnknownModel:
-            if not request.version.adapter:
+            if not (request.version.adapter and request.version.adapter_path):
                 raise
-            self.engine.forget_adapter(request.version.adapter)  # engine restarted: load it again, once
+            self._load_adapter(request.version)
             return self._ask_engine(request, item)
 
     def _ask_engine(self, request: PredictRequest, item: TaskInput) -> _Scored:
-        self._ensure_adapter(request.version)
         control = request.config.enumerable_control(self.settings.enumerate_max)
         if control is not None:
             return self._score_options(request, control, item)
         return _Scored(item, candidates=self._sample(request, item))
 
-    def _ensure_adapter(self, version: ServingVersion) -> None:
-        """Hot swap: a promoted adapter is loaded into the engine on first use (the worker also loads it at
-        promotion). Requests that resolved the old version before the swap finish on the old one."""
-        if version.adapter and version.adapter_path:
-            self.engine.ensure_adapter(version.adapter, version.adapter_path)
+    def _load_adapter(self, version: ServingVersion) -> None:
+        """Hot swap. Requests name the serving version's adapter, and every engine replica with the LoRA filesystem
+        resolver (`dataengine serve` and compose start them so) loads it from MODEL_DIR/adapters by itself. An
+        engine without it answers 404: the adapter is then loaded explicitly (on every replica of
+        DATAENGINE_ENGINE_URL, again after an engine restart). Requests that resolved the old version before the
+        swap finish on the old one."""
+        self.engine.forget_adapter(version.adapter)
+        self.engine.ensure_adapter(version.adapter, version.adapter_path)
 
     def _score_options(self, request: PredictRequest, control: Control, item: TaskInput) -> _Scored:
         """Closed label set: every option scored with the model's log-probabilities (deterministic)."""

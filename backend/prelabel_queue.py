@@ -1,4 +1,5 @@
-"""Enqueueing pre-labelling runs on RQ (`POST /prelabel`, and TASKS_CREATED in ranking projects).
+"""Enqueueing pre-labelling runs on RQ (`POST /prelabel`, and TASKS_CREATED in ranking projects), on the
+prelabel queue: a training round running on the training queue never delays them.
 
 The job is `training.prelabel.run_prelabel`, enqueued by dotted name: the backend never imports training.
 """
@@ -52,7 +53,7 @@ class PrelabelRequest:
 def enqueue_prelabel(queue: FeedbackQueue, request: PrelabelRequest, job_timeout: int) -> str:
     """Enqueue a run; returns the RQ job id. Raises QueueUnavailable (503) when Redis is down."""
     try:
-        job = queue.queue.enqueue(
+        job = queue.prelabel.enqueue(
             PRELABEL_FUNC,
             request.project,
             request.force,

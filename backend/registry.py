@@ -2,6 +2,10 @@
 
 The training side (training/registry.py) writes `MODEL_DIR/projects/<id>/current.json` atomically on
 promotion; the backend only reads it. Without a promoted version the base model serves.
+
+`MODEL_DIR/adapters/<engine name>/` holds every published adapter under the name requests give it: the directory
+vLLM's `lora_filesystem_resolver` plugin reads (`VLLM_LORA_RESOLVER_CACHE_DIR`), so any engine replica loads a
+version's adapter the first time a request names it.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from typing import Any
 CURRENT_FILE = "current.json"
 VERSIONS_DIR = "versions"
 DECISIONS_FILE = "decisions.jsonl"
+ADAPTERS_DIR = "adapters"  # next to MODEL_DIR/projects
 log = logging.getLogger(__name__)
 
 

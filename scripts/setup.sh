@@ -67,9 +67,24 @@ setup_engine() {
   echo "$want" > "$ENGINE_VENV/.dataengine-stamp"
 }
 
+# System tools only the tests use (`make test`): HAProxy, the load balancer tests/test_engine_replicas.py puts in
+# front of two engine replicas. Installed from the distribution when missing and this runs as root with apt-get
+# (a CI container); otherwise that test skips and says why.
+setup_test_tools() {
+  if command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]]; then return; fi
+  if [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null; then
+    say "installing haproxy (apt-get) for the engine-replica test"
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends haproxy; } >/dev/null \
+      || say "warning: could not install haproxy; tests/test_engine_replicas.py will skip"
+  else
+    say "haproxy is not installed (apt-get install haproxy): tests/test_engine_replicas.py will skip"
+  fi
+}
+
 case "${1:-all}" in
   app) setup_app; setup_model ;;
   engine) setup_engine ;;
+  test-tools) setup_test_tools ;;
   all) setup_app; setup_model; setup_engine ;;
-  *) say "usage: scripts/setup.sh [all|app|engine]"; exit 2 ;;
+  *) say "usage: scripts/setup.sh [all|app|engine|test-tools]"; exit 2 ;;
 esac

@@ -19,17 +19,25 @@ import pytest
 import yaml
 
 from backend.engine_client import EngineClient
-from backend.engine_process import EngineProcess
+from backend.engine_process import EngineProcess, lora_resolver_environment
 from backend.settings import Settings
 from tests.conftest import REPO
 from tests.fake_engine import FakeEngine
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """Compose's own tags: `!reset` (drop the value the base file set) reads as None."""
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: None)
+SCALE = yaml.load((REPO / "docker-compose.scale.yml").read_text(), Loader=ComposeLoader)["services"]
 ENV_EXAMPLE = (REPO / ".env.example").read_text()
 MODEL_DIR_VOLUME = "model-dir"
 GPU_SERVICES, CPU_SERVICES = {"engine", "worker"}, {"engine-cpu", "worker-cpu"}
-ALWAYS_ON = {"label-studio", "backend", "redis", "model-init"}
+ALWAYS_ON = {"label-studio", "backend", "redis", "model-init", "prelabel-worker"}
 
 
 # --- .env.example ------------------------------------------------------------------------------------
@@ -141,10 +149,10 @@ def test_named_volumes_are_declared():
 
 
 def test_backend_worker_and_engine_share_model_dir_at_the_same_path():
-    sharing = ["backend", "worker", "worker-cpu", "engine", "engine-cpu"]
+    sharing = ["backend", "worker", "worker-cpu", "prelabel-worker", "engine", "engine-cpu"]
     targets = {name: mounts(name).get(MODEL_DIR_VOLUME) for name in sharing}
     assert None not in targets.values() and len(set(targets.values())) == 1, targets
-    for name in ("backend", "worker", "worker-cpu"):
+    for name in ("backend", "worker", "worker-cpu", "prelabel-worker"):
         assert env(name)["MODEL_DIR"] == targets["backend"], f"{name}: MODEL_DIR must be where the volume is"
 
 
@@ -162,9 +170,20 @@ def engine_process_flags() -> list[str]:
 
 
 @pytest.mark.parametrize("engine", ["engine", "engine-cpu"])
+def test_engine_finds_promoted_adapters_where_engine_process_points_it(engine):
+    """The LoRA filesystem resolver's settings, as backend/engine_process.py sets them, with MODEL_DIR at the volume."""
+    model_dir = mounts(engine)[MODEL_DIR_VOLUME]
+    wanted = lora_resolver_environment(Settings(model_dir=model_dir))
+    assert {k: env(engine).get(k) for k in wanted} == wanted
+    assert env(engine)["VLLM_LORA_RESOLVER_CACHE_DIR"] == f"{env('worker')['MODEL_DIR']}/adapters"  # where workers publish
+    # the plugin refuses to start on a missing directory: model-init makes it before any engine starts
+    assert "mkdir -p /data/adapters" in " ".join(SERVICES["model-init"]["command"])
+    assert SERVICES[engine]["depends_on"]["model-init"]["condition"] == "service_completed_successfully"
+
+
+@pytest.mark.parametrize("engine", ["engine", "engine-cpu"])
 def test_engine_runs_with_the_flags_of_engine_process(engine):
     service = SERVICES[engine]
-    assert env(engine)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     args = [resolve(a) for a in service["command"]]
     wanted = engine_process_flags()
     for flag in [a for a in wanted if a.startswith("--") and a not in ("--host",)]:
@@ -188,8 +207,11 @@ def test_ports_and_wiring():
     assert backend["REDIS_URL"] == "redis://redis:6379/0"
     assert backend["LABEL_STUDIO_URL"] == "http://label-studio:8080"
     assert SERVICES["engine-cpu"]["networks"]["default"]["aliases"] == ["engine"]
-    for worker in ("worker", "worker-cpu"):
-        assert SERVICES[worker]["command"] == ["dataengine", "worker"]
+    for worker in ("worker", "worker-cpu"):  # GPU (or CPU-host) workers train
+        assert SERVICES[worker]["command"] == ["dataengine", "worker", "--queues", "training"]
+    assert SERVICES["prelabel-worker"]["command"] == ["dataengine", "worker", "--queues", "prelabel"]
+    assert "deploy" not in SERVICES["prelabel-worker"], "the prelabel worker needs no GPU"
+    for worker in ("worker", "worker-cpu", "prelabel-worker"):
         assert SERVICES[worker]["image"] == SERVICES["backend"]["image"]
     for name in ("backend", "worker"):
         assert SERVICES[name]["env_file"] == [{"path": ".env", "required": False}]
@@ -241,9 +263,32 @@ def test_docker_compose_config_accepts_the_file_and_picks_the_profiles():
     # README: `docker compose up -d` (COMPOSE_PROFILES=gpu from .env) and `docker compose --profile cpu up -d`
     assert set(run("config", "--services").split()) == ALWAYS_ON | GPU_SERVICES
     assert set(run("--profile", "cpu", "config", "--services").split()) == ALWAYS_ON | CPU_SERVICES
-    # README "Scale out": the override un-publishes the backend port so that --scale backend=3 can start.
+    # README "Scale out": the override un-publishes the backend port so that --scale backend=3 can start, and
+    # points the backend and the workers at the engines' load balancer (the rest of their environment kept).
     scaled = json.loads(run("-f", "docker-compose.yml", "-f", "docker-compose.scale.yml", "config", "--format", "json"))
     assert not scaled["services"]["backend"].get("ports") and scaled["services"]["label-studio"]["ports"]
+    for name in ("backend", "worker", "prelabel-worker"):
+        environment = scaled["services"][name]["environment"]
+        assert environment["DATAENGINE_ENGINE_URL"] == "http://engine-lb:8000" and environment["MODEL_DIR"] == "/data", name
+
+
+def test_engine_load_balancer_of_the_scale_override():
+    """HAProxy in front of the engine replicas: a pinned image, the shipped config, checked by HAProxy itself where
+    it is installed (tests/test_engine_replicas.py runs two real replicas behind it)."""
+    from tests.haproxy import HAPROXY, HAPROXY_MISSING
+
+    balancer = SCALE["engine-lb"]
+    repository, _, tag = balancer["image"].rpartition(":")
+    assert repository == "haproxy" and re.match(r"\d+\.\d+\.\d+$", tag), balancer["image"]
+    source, target, _ = balancer["volumes"][0].split(":")
+    assert (REPO / source).is_file() and target == "/usr/local/etc/haproxy/haproxy.cfg"
+    config = (REPO / source).read_text()
+    assert "bind :8000" in config and "server-template engine" in config and "engine:8000" in config
+    assert "ports" not in balancer, "the engines stay off the host"
+    if HAPROXY_MISSING:
+        pytest.skip(HAPROXY_MISSING)
+    checked = subprocess.run([HAPROXY, "-c", "-f", str(REPO / source)], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 # --- Dockerfiles ---------------------------------------------------------------------------------------
@@ -282,10 +327,10 @@ def test_hadolint_passes():
 # --- scale out: several engine replicas ----------------------------------------------------------------
 
 
-def test_adapters_are_loaded_on_every_engine_replica(tmp_path):
-    """Two stand-in engines (tests/fake_engine.py) record what the client sends to each replica. A fake because
-    two real vLLM servers do not fit next to the session engine on a 2-core CI machine; the single real engine's
-    adapter loading is covered by tests/test_policy.py and tests/test_registry.py."""
+def test_adapters_are_loaded_on_every_listed_engine_replica(tmp_path):
+    """The explicit load, for engines started without the LoRA filesystem resolver (DATAENGINE_ENGINE_URL may list
+    several): two stand-in engines (tests/fake_engine.py) record what the client sends to each. A fake for the
+    bookkeeping; real replicas behind a real balancer, with the resolver, are tests/test_engine_replicas.py."""
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     with FakeEngine() as first, FakeEngine(already_loaded={"v1"}) as second:

@@ -94,9 +94,10 @@ def test_metrics_after_predict_webhooks_queue_and_training(tmp_path, redis, engi
     assert delta("dataengine_request_latency_seconds_count", endpoint="predict") == 1
     assert delta("dataengine_candidates_total") == 9
     assert value(after, "dataengine_redis_up") == 1
-    assert value(after, "dataengine_queue_jobs", queue="dataengine", state="queued") == 1
-    assert value(after, "dataengine_queue_jobs", queue="dataengine", state="failed") == 0
-    assert value(after, "dataengine_queue_workers", queue="dataengine") == 0
+    assert value(after, "dataengine_queue_jobs", queue="dataengine-training", state="queued") == 1
+    assert value(after, "dataengine_queue_jobs", queue="dataengine-training", state="failed") == 0
+    assert value(after, "dataengine_queue_jobs", queue="dataengine-prelabel", state="queued") == 0
+    assert value(after, "dataengine_queue_workers", queue="dataengine-training") == 0
     training = "dataengine_training_job_duration_seconds"
     assert value(after, training + "_count", outcome="promoted") == 1
     assert value(after, training + "_sum", outcome="promoted") == 42.0

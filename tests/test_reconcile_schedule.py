@@ -15,7 +15,7 @@ from redis import Redis
 from tests.conftest import REPO, flushed_redis, redis_db, stop_process
 
 REDIS_URL = redis_db(15)  # this file's own database, flushed per test
-QUEUE = "dataengine"
+QUEUE = "dataengine-prelabel"  # reconcile passes run on the prelabel queue
 
 
 @pytest.fixture

@@ -13,7 +13,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dataengine", description="Label Studio ML backend that learns from annotators")
     commands = parser.add_subparsers(dest="command", required=True)
     add_serving_commands(commands)
-    commands.add_parser("worker", help="run the RQ worker that executes training and reconcile jobs")
+    worker = commands.add_parser("worker", help="run an RQ worker: training rounds, pre-labelling, reconcile")
+    worker.add_argument(
+        "--queues", default="training,prelabel",
+        help="which queues to work: training, prelabel, or both (default training,prelabel; the first one listed "
+        "is served first)",
+    )
     jobs = commands.add_parser("jobs", help="list training jobs with state, progress and errors")
     jobs.add_argument("--limit", type=int, default=20)
     train = commands.add_parser("train", help="enqueue a training round for a project now")
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve" and prepare_embedded_model() != 0:
         return 2
     if args.command == "worker":
-        return run_worker()
+        return run_worker(args.queues)
     if args.command == "jobs":
         return print_jobs(args.limit)
     if args.command == "versions":
@@ -142,9 +147,16 @@ def run_prelabel_command(args) -> int:
     return 1 if summary.failed and not summary.done else 0
 
 
-def run_worker() -> int:
+def run_worker(queues: str) -> int:
     from rq import Worker
 
+    from backend.jobs import parse_queue_kinds
+
+    try:
+        kinds = parse_queue_kinds(queues)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     queue = _queue()
     if not queue.ping():
         from backend.logs import redact_url
@@ -155,7 +167,8 @@ def run_worker() -> int:
         from .jobs import ensure_reconcile_scheduled
 
         ensure_reconcile_scheduled(queue)
-    Worker([queue.queue], connection=queue.redis).work(with_scheduler=True)
+    # with_scheduler: each worker also moves due scheduled jobs (retries, the next reconcile) of its queues
+    Worker([queue.queues[kind] for kind in kinds], connection=queue.redis).work(with_scheduler=True)
     return 0
 
 

@@ -126,15 +126,16 @@ def reconcile(settings: Settings | None = None) -> dict[str, Any]:
 
 
 def schedule_reconcile(queue: FeedbackQueue, delay: int = 0) -> str:
-    """Enqueue a reconcile pass `delay` seconds from now under a fresh job id. (Reusing one id made RQ store the
+    """Enqueue a reconcile pass `delay` seconds from now under a fresh job id, on the prelabel queue (a pass is
+    short, and the candidate filling it starts must not wait for a training round). (Reusing one id made RQ store the
     running pass's result, with its 500 s TTL, over the hash of the successor it had just scheduled: the
     successor was dropped when due, after 600 s.)"""
     job_id = f"{RECONCILE_PREFIX}{int(time.time() * 1000)}"
     options = dict(job_id=job_id, description="reconcile: lost webhooks, unfilled ranking tasks", meta={"kind": "reconcile"})
     if delay:
-        queue.queue.enqueue_in(timedelta(seconds=delay), RECONCILE_FUNC, **options)
+        queue.prelabel.enqueue_in(timedelta(seconds=delay), RECONCILE_FUNC, **options)
     else:
-        queue.queue.enqueue(RECONCILE_FUNC, **options)
+        queue.prelabel.enqueue(RECONCILE_FUNC, **options)
     return job_id
 
 
@@ -142,8 +143,8 @@ def ensure_reconcile_scheduled(queue: FeedbackQueue) -> str | None:
     """At worker start: enqueue a pass now unless one is already queued, scheduled or running (one chain,
     however many workers start); returns the new job's id, or None."""
     with queue.redis.lock(key("reconcile-schedule-lock"), timeout=10, blocking_timeout=10):
-        registries = (queue.queue.scheduled_job_registry, queue.queue.started_job_registry)
-        pending = queue.queue.get_job_ids() + [i for r in registries for i in r.get_job_ids()]
+        registries = (queue.prelabel.scheduled_job_registry, queue.prelabel.started_job_registry)
+        pending = queue.prelabel.get_job_ids() + [i for r in registries for i in r.get_job_ids()]
         if any(job_id.startswith(RECONCILE_PREFIX) for job_id in pending):
             return None
         return schedule_reconcile(queue)
@@ -190,5 +191,5 @@ def _read_project(project: str, settings: Settings) -> ProjectState:
 def _prelabel_pending(queue: FeedbackQueue, project: str) -> bool:
     """A prelabel job of the project is queued or running: it may be filling those very tasks."""
     prefix = f"prelabel-{project}-"
-    waiting = queue.queue.get_job_ids() + queue.queue.started_job_registry.get_job_ids()
+    waiting = queue.prelabel.get_job_ids() + queue.prelabel.started_job_registry.get_job_ids()
     return any(job_id.startswith(prefix) for job_id in waiting)

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+from .distributed import is_main_process, per_device_batch
 from .preferences import PreferencePair, SftExample
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,8 @@ def train_policy(
         metrics["heldout_pair_accuracy"] = implicit_reward_accuracy(model, tokenizer, heldout_pairs)
     adapter_path = save_adapter(model, out_dir)
     metrics["seconds"] = round(time.monotonic() - started, 2)
-    (out_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    if is_main_process():
+        (out_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     return PolicyResult(adapter_path=adapter_path, metrics=metrics)
 
 
@@ -246,8 +248,11 @@ def _materialize_tied_embeddings(model, base_model: str) -> None:
 
 
 def save_adapter(model, out_dir: Path) -> Path:
-    """Only the trained "default" adapter (a reference copy that RL with beta > 0 adds is left out)."""
+    """Only the trained "default" adapter (a reference copy that RL with beta > 0 adds is left out). In a launched
+    round only the main process writes it: the others hold the same weights."""
     out_dir = Path(out_dir)
+    if not is_main_process():
+        return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), selected_adapters=["default"], safe_serialization=True)
     missing = [name for name in ADAPTER_FILES if not (out_dir / name).is_file()]
@@ -390,7 +395,7 @@ def _run_sft(model, tokenizer, rows, settings: PolicySettings, output_dir: Path,
         **_common_args(settings, output_dir),
         max_steps=settings.sft_steps_for(len(rows)),
         learning_rate=settings.sft_learning_rate,
-        per_device_train_batch_size=min(settings.sft_batch_size, len(rows)),
+        per_device_train_batch_size=per_device_batch(min(settings.sft_batch_size, len(rows))),
         max_length=settings.max_length,
         completion_only_loss=True,
     )
@@ -416,7 +421,7 @@ def _run_dpo(model, tokenizer, rows, settings: PolicySettings, output_dir: Path,
         **_common_args(settings, output_dir),
         max_steps=settings.dpo_steps,
         learning_rate=settings.dpo_learning_rate,
-        per_device_train_batch_size=min(settings.dpo_batch_size, len(rows)),
+        per_device_train_batch_size=per_device_batch(min(settings.dpo_batch_size, len(rows))),
         max_length=settings.max_length,
         beta=settings.dpo_beta,
     )

@@ -7,19 +7,27 @@ Layout under MODEL_DIR/projects/<id>/:
   current.json                   the promoted version; replaced atomically (write + rename)
   decisions.jsonl                every promotion / rejection / rollback, appended
 A crash at any point leaves current.json either the old or the new version, never a mix.
+
+Every published adapter is also entered under its engine name in MODEL_DIR/adapters/<adapter_name>/ (hard links to
+the version's files, one rename), where vLLM's `lora_filesystem_resolver` finds it on every engine replica that
+mounts MODEL_DIR: a request naming the adapter is all it takes to serve it (README, "Scale out").
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from backend.projects import atomic_write_json
-from backend.registry import CURRENT_FILE, VERSIONS_DIR, ServingVersion, read_version_record
+from backend.registry import ADAPTERS_DIR, CURRENT_FILE, VERSIONS_DIR, ServingVersion, read_version_record
+
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass
@@ -60,11 +68,53 @@ def adapter_name_for(name: str, directory: Path) -> str:
     return f"{name}-{_content_hash(Path(directory))}"
 
 
+def publish_adapter(adapters_dir: Path, name: str, adapter_dir: Path, engine_model: str | None = None) -> Path:
+    """Enter an adapter as `adapters_dir/<name>/`, where vLLM's filesystem resolver looks for the name a request
+    gives. Its files are hard links to `adapter_dir`'s (copies across filesystems), so deleting the version
+    never leaves an engine a dangling entry. The resolver only takes an adapter whose `base_model_name_or_path` is
+    the engine's own `--model`: `engine_model` (the engine's answer, `EngineClient.served_model_path`) is written
+    into the entry's config; None keeps the trained one. Idempotent: names are content hashes, so an existing
+    entry already holds these weights."""
+    adapters_dir = Path(adapters_dir)
+    entry = adapters_dir / name
+    if entry.is_dir():
+        return entry
+    adapters_dir.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=adapters_dir))
+    try:
+        for source in sorted(p for p in Path(adapter_dir).iterdir() if p.is_file()):
+            if source.name == ADAPTER_CONFIG and engine_model is not None:
+                config = json.loads(source.read_text(encoding="utf-8"))
+                (temp / ADAPTER_CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": engine_model}, indent=2))
+            else:
+                _link_or_copy(source, temp / source.name)
+        os.chmod(temp, 0o755)  # mkdtemp's 0700: an engine running as another user must read it
+        os.rename(temp, entry)
+    except OSError:
+        shutil.rmtree(temp, ignore_errors=True)
+        if not entry.is_dir():  # else another process published the same name first
+            raise
+    return entry
+
+
+def unpublish_adapter(adapters_dir: Path, name: str) -> None:
+    """Remove an entry no request will name again (a discarded version, a stage the gate has measured)."""
+    shutil.rmtree(Path(adapters_dir) / name, ignore_errors=True)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(source, target)
+
+
 class Registry:
     def __init__(self, projects_dir: Path, project: str, model_name: str):
         self.project = project
         self.model_name = model_name
         self.root = Path(projects_dir) / project
+        self.adapters_dir = Path(projects_dir).parent / ADAPTERS_DIR  # MODEL_DIR/projects -> MODEL_DIR/adapters
 
     # --- versions ----------------------------------------------------------------------------------
     def next_version_name(self) -> str:
@@ -79,8 +129,9 @@ class Registry:
         return path
 
     def create_version(self, name: str, staged: Path, *, parent: str | None, snapshot_hash: str | None,
-                       metrics: dict[str, Any]) -> VersionRecord:
-        """Publish a staged version directory under its final name (one rename)."""
+                       metrics: dict[str, Any], engine_model: str | None = None) -> VersionRecord:
+        """Publish a staged version directory under its final name (one rename); its adapter, if any, is entered
+        for the engines first (`publish_adapter`, `engine_model` as there)."""
         final = self.root / VERSIONS_DIR / name
         has_adapter = (staged / "adapter").exists()
         record = VersionRecord(
@@ -95,6 +146,8 @@ class Registry:
             metrics=metrics,
         )
         atomic_write_json(staged / "version.json", asdict(record))
+        if record.adapter_name:
+            publish_adapter(self.adapters_dir, record.adapter_name, staged / "adapter", engine_model)
         staged.rename(final)
         return record
 
@@ -107,6 +160,8 @@ class Registry:
         not leave one orphan version, reward models and all, per attempt."""
         if record.name != self.current_name():
             shutil.rmtree(self.root / VERSIONS_DIR / record.name, ignore_errors=True)
+            if record.adapter_name:
+                unpublish_adapter(self.adapters_dir, record.adapter_name)
 
     def get(self, name: str) -> VersionRecord | None:
         data = read_version_record(self.root / VERSIONS_DIR / name)

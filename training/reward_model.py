@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from backend.reward_scoring import DEFAULT_MAX_LENGTH, MEMBERS_KEY, META_FILE, encode, ensemble_scores, score_texts
 
+from .distributed import is_main_process, per_device_batch
+
 if TYPE_CHECKING:
     from .preferences import PreferencePair
 
@@ -257,7 +259,8 @@ def train_reward_model(
         "base": base_path,
         "device": str(next(members[0][0].parameters()).device),
     }
-    _save(members, tokenizer, Path(out_dir), settings, metrics)
+    if is_main_process():  # a launched round's other processes hold the same weights
+        _save(members, tokenizer, Path(out_dir), settings, metrics)
     report({"stage": "done", **metrics})
     return RewardModelResult(path=Path(out_dir), metrics=metrics)
 
@@ -361,7 +364,7 @@ def _build_trainer(model, tokenizer, dataset, settings: RewardSettings, epochs: 
     config = RewardConfig(
         output_dir=scratch,
         learning_rate=settings.learning_rate,
-        per_device_train_batch_size=settings.batch_size,
+        per_device_train_batch_size=per_device_batch(settings.batch_size),
         num_train_epochs=epochs,
         warmup_steps=settings.warmup,  # < 1: a share of the steps
         weight_decay=settings.weight_decay,

@@ -1,5 +1,5 @@
 """One learning step for a project, after its snapshot is written:
-reward model -> policy update -> evaluation gate -> promote or reject -> hot swap.
+reward model -> policy update -> evaluation gate -> promote or reject (hot swap: the next request names the adapter).
 
 Answer projects (Choices, Labels, TextArea ...): the reward model learns the annotators' preferences, the
 policy (a LoRA adapter on the served model) is fine-tuned on the answers they accepted or wrote, in exactly
@@ -40,7 +40,7 @@ from .evaluate import (
 )
 from .export import ProjectExport
 from .preferences import DerivedData, PreferencePair, SftExample
-from .registry import Registry, VersionRecord, adapter_name_for
+from .registry import Registry, VersionRecord, adapter_name_for, publish_adapter, unpublish_adapter
 from .snapshot import SnapshotInfo
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ def learn(inputs: RoundInputs, settings: Settings, progress: Progress) -> dict[s
     try:
         return _gate(inputs, kind, registry, record, current, settings, progress)
     except Exception:
+        _drop_stage_adapters(record, settings)
         registry.discard(record)  # the retried round starts clean
         raise
 
@@ -154,10 +155,25 @@ def model_parameters(model_path: str) -> int | None:
 
 def _train_version(inputs: RoundInputs, kind: ProjectKind, registry: Registry, parent: str, settings: Settings,
                    progress: Progress) -> VersionRecord:
-    from .reward_model import RewardSettings, train_reward_model
-
     name = registry.next_version_name()
     staged = registry.staging_dir(name)
+    if settings.train_processes > 1 or settings.accelerate_config:
+        from .launch import train_launched
+
+        metrics = train_launched(inputs, staged, settings, progress)  # `accelerate launch`, a child process
+    else:
+        metrics = train_models(inputs, kind, staged, settings, progress)
+    return registry.create_version(name, staged, parent=parent, snapshot_hash=inputs.snapshot.content_hash, metrics=metrics,
+                                   engine_model=_engine_model(settings))
+
+
+def train_models(inputs: RoundInputs, kind: ProjectKind, staged: Path, settings: Settings, progress: Progress
+                 ) -> dict[str, Any]:
+    """The reward model, then the policy, written into `staged`; their metrics. In this process, or in each process
+    of a launched round (training/launch.py), where the main one writes the files."""
+    from .distributed import wait_for_everyone
+    from .reward_model import RewardSettings, train_reward_model
+
     train_pairs = [p for p in inputs.derived.pairs if not is_heldout(p.task_id)]
     progress("reward_model", pairs=len(train_pairs))
     rm = train_reward_model(
@@ -169,13 +185,25 @@ def _train_version(inputs: RoundInputs, kind: ProjectKind, registry: Registry, p
         progress=lambda event: progress("reward_model", **_loggable(event)),
     )
     metrics: dict[str, Any] = {"reward_model": rm.metrics}
+    wait_for_everyone()  # the reward model is on disk before any process reads it (GRPO/RLOO rewards)
     algo, why = policy_plan(settings, kind)
     if algo == "none":
         metrics["policy"] = {"skipped": why}
     else:
         metrics["policy"] = _train_policy(inputs, kind, staged, str(rm.path), algo, settings, progress)
         metrics["policy"]["why"] = why
-    return registry.create_version(name, staged, parent=parent, snapshot_hash=inputs.snapshot.content_hash, metrics=metrics)
+    return metrics
+
+
+def _engine_model(settings: Settings) -> str | None:
+    """The engine's base model as its LoRA resolver names it (None without an engine: the trained one stays)."""
+    if not settings.engine_url:
+        return None
+    engine = EngineClient.from_settings(settings)
+    try:
+        return engine.served_model_path()
+    finally:
+        engine.close()
 
 
 def policy_data(inputs: RoundInputs, kind: ProjectKind, settings: Settings, *, heldout: bool = False
@@ -300,10 +328,9 @@ def _gate(inputs: RoundInputs, kind: ProjectKind, registry: Registry, record: Ve
     record = replace(record, rm_weight=candidate_eval.rm_weight,
                      metrics={**record.metrics, "heldout": heldout_report, "decision_test": decision.test})
     registry.update(record)
-    _drop_stage_adapters(record)
+    _drop_stage_adapters(record, settings)
     if decision.promote:
-        registry.promote(record, decision.reason, evaluation)
-        _load_into_engine(record, settings)
+        registry.promote(record, decision.reason, evaluation)  # the next request names its adapter: hot swap
     else:
         registry.reject(record, decision.reason, evaluation)
     progress("promoted" if decision.promote else "rejected", version=record.name, reason=decision.reason)
@@ -325,6 +352,7 @@ def _score_versions(inputs: RoundInputs, config: CompiledConfig, record: Version
         sft_stage = Path(record.adapter_path or "").parent / STAGE_DIR / "sft"
         if record.adapter_path and sft_stage.is_dir():
             stage = ServingVersion(f"{record.name}-sft", adapter_name_for(f"{record.name}-sft", sft_stage), str(sft_stage))
+            publish_adapter(settings.adapters_dir, stage.adapter, sft_stage, engine.served_model_path())
             report["policy_after_sft"] = _brief(score_ranking(rank_heldout(settings, config, stage, heldout, instructions, engine)))
     finally:
         engine.close()
@@ -349,22 +377,13 @@ def _brief(evaluation) -> dict[str, Any]:
     return {k: v for k, v in evaluation.as_dict().items() if k in keep and v is not None}
 
 
-def _drop_stage_adapters(record: VersionRecord) -> None:
+def _drop_stage_adapters(record: VersionRecord, settings: Settings) -> None:
     """The per-stage adapters were kept only for the gate to measure them."""
     if record.adapter_path:
-        shutil.rmtree(Path(record.adapter_path).parent / STAGE_DIR, ignore_errors=True)
-
-
-def _load_into_engine(record: VersionRecord, settings: Settings) -> None:
-    """Hot swap: load the adapter now so the first /predict on the new version pays nothing."""
-    serving = record.serving()
-    if not (serving.adapter and settings.engine_url):
-        return
-    engine = EngineClient.from_settings(settings)
-    try:
-        engine.load_lora_adapter(serving.adapter, serving.adapter_path)
-    finally:
-        engine.close()
+        stages = Path(record.adapter_path).parent / STAGE_DIR
+        for stage in (p for p in stages.glob("*") if p.is_dir()):
+            unpublish_adapter(settings.adapters_dir, adapter_name_for(f"{record.name}-{stage.name}", stage))
+        shutil.rmtree(stages, ignore_errors=True)
 
 
 def _loggable(event: dict) -> dict:

@@ -134,6 +134,11 @@ def latest_snapshot(project_dir: Path) -> SnapshotInfo | None:
     return snapshots[-1] if snapshots else None
 
 
+def snapshot_at(path: Path) -> SnapshotInfo:
+    """The snapshot in `path` (a directory `write_snapshot` published)."""
+    return _info(Path(path))
+
+
 def read_manifest(info: SnapshotInfo) -> dict[str, Any]:
     return json.loads((info.path / MANIFEST_FILE).read_text(encoding="utf-8"))
 
