@@ -224,7 +224,7 @@ def test_prompts_carry_the_image_as_an_image_url_part():
         classification, {"image": "x"}, classification.controls[0], ["Circle", "Square"], "", {"image": data_uri(GOOD)}
     )
     assert message_images(choice) == [data_uri(GOOD)]
-    assert "A) Circle" in message_text(choice[-1]["content"])
+    assert "- Circle" in message_text(choice[-1]["content"])
     assert reward_text(build_messages(config, texts), '{"answer":"x"}').startswith("image:\n(image 'image', attached)")
 
 
