@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from backend.reward_scoring import DEFAULT_MAX_LENGTH, MEMBERS_KEY, META_FILE, encode, ensemble_scores, score_texts
 
 from .distributed import is_main_process, per_device_batch
+from .trainer_defaults import TrainingLog, base_args, build_trainer
 
 if TYPE_CHECKING:
     from .preferences import PreferencePair
@@ -274,8 +275,8 @@ def _train_member(base_path: str, tokenizer: Any, dataset: Any, settings: Reward
     set_seed(settings.seed)  # the new score head's initial weights come from the global RNG
     model = _load_base(base_path, tokenizer, settings)
     with tempfile.TemporaryDirectory(prefix="rm-trainer-") as scratch:
-        member_report = (lambda event: report({**event, "member": index}))
-        trainer = _build_trainer(model, tokenizer, dataset, settings, epochs, scratch, member_report)
+        training_log = TrainingLog({"stage": "train", "member": index}, report)
+        trainer = _build_trainer(model, tokenizer, dataset, settings, epochs, scratch, training_log)
         trainer.train()
         state = trainer.state
     train_loss = next((h["train_loss"] for h in reversed(state.log_history) if "train_loss" in h), None)
@@ -354,15 +355,11 @@ def _dataset(tokenizer: Any, pairs: Sequence["PreferencePair"], texts: Sequence[
 
 
 def _build_trainer(model, tokenizer, dataset, settings: RewardSettings, epochs: float, scratch: str,
-                   report: Callable[[dict], None]):
-    import torch
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
+                   training_log: TrainingLog):
     from trl import RewardConfig, RewardTrainer
 
-    cuda = torch.cuda.is_available()
     config = RewardConfig(
-        output_dir=scratch,
+        **base_args(scratch, seed=settings.seed),
         learning_rate=settings.learning_rate,
         per_device_train_batch_size=per_device_batch(settings.batch_size),
         num_train_epochs=epochs,
@@ -372,32 +369,21 @@ def _build_trainer(model, tokenizer, dataset, settings: RewardSettings, epochs: 
         max_length=None,  # already cut by `encode`
         center_rewards_coefficient=settings.center_rewards_coefficient,
         eos_token=tokenizer.eos_token,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        use_cpu=not cuda,
-        gradient_checkpointing=False,  # small encoder: memory is no issue, speed is
-        seed=settings.seed,
-        data_seed=settings.seed,
-        save_strategy="no",
-        report_to="none",
+        bf16=_bf16_supported(),
         logging_steps=5,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         optim="adamw_torch",
         disable_dropout=not settings.dropout,
         train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
         remove_unused_columns=not settings.group_by_length,  # keep "length" for the sampler
     )
+    return build_trainer(RewardTrainer, model=model, args=config, train_dataset=dataset, tokenizer=tokenizer,
+                         training_log=training_log)
 
-    class Progress(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            event = {"stage": "train", "step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch}
-            event.update({k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))})
-            report(event)
 
-    trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                            callbacks=[Progress()])
-    trainer.remove_callback(PrinterCallback)  # logs go to `progress`, not stdout
-    return trainer
+def _bf16_supported() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def _save(members: list[tuple[Any, dict]], tokenizer, out_dir: Path, settings: RewardSettings,
