@@ -21,11 +21,9 @@ from backend.engine_client import EngineClient
 from backend.label_config import compile_label_config
 from backend.prompts import build_choice_messages, build_messages
 from tests.conftest import LABEL_CONFIGS, TINY_NAME
+from training.lora_io import ADAPTER_FILES, MAX_LORA_RANK, load_causal_lm
 from training.policy import (
-    ADAPTER_FILES,
-    MAX_LORA_RANK,
     PolicySettings,
-    load_causal_lm,
     PolicyTrainingError,
     prompt_text,
     resolve_algo,
@@ -298,7 +296,7 @@ def test_a_tied_lm_head_left_on_meta_is_tied_on_load(tiny_model_dir):
     """transformers 5 left the tied lm_head on the meta device once in a long session; the loader repairs it."""
     import torch
 
-    from training.policy import _materialize_tied_embeddings
+    from training.lora_io import _materialize_tied_embeddings
 
     model = load_causal_lm(str(tiny_model_dir), torch.float32)
     model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight, device="meta"))

@@ -10,9 +10,8 @@
        with `reward_funcs=[reward model, validity]` (both optional callables, see below), generation on the
        transformers path (`use_vllm=False`: vLLM lives in another venv, see DESIGN.md).
 With `stage_dir`, the adapter after SFT is also saved there when a preference stage follows, so the gate can
-say what each stage changed. Only the adapter is written to `out_dir` (`adapter_config.json` +
-`adapter_model.safetensors`), the format vLLM's `POST /v1/load_lora_adapter {"lora_name", "lora_path"}` loads
-at runtime; its rank stays <= MAX_LORA_RANK, what the engine is started with (`--max-lora-rank 16`).
+say what each stage changed. Only the adapter is written to `out_dir` (training/lora_io.py: the files vLLM loads
+at runtime). Every stage runs through `_run_stage` on the shared trainer defaults (training/trainer_defaults.py).
 
 Reward callables see plain text: `reward_fn(prompts, completions) -> list[float]` gets each prompt as
 `prompt_text(messages)` (the non-system messages' contents, blank-line separated: the task data and the
@@ -26,9 +25,7 @@ Progress: `progress(dict)` is called on every trainer log (`phase`, `step`, `max
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,23 +33,15 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 from .distributed import is_main_process, per_device_batch
+from .lora_io import LoraShape, PolicyTrainingError, load_with_adapter, save_adapter
 from .preferences import PreferencePair, SftExample
-
-log = logging.getLogger(__name__)
+from .trainer_defaults import ProgressFn, TrainingLog, base_args, build_trainer
 
 ALGOS = ("sft", "dpo", "grpo", "rloo")
-MAX_LORA_RANK = 16  # the engine is started with --max-lora-rank DATAENGINE_MAX_LORA_RANK (default 16)
-LORA_TARGETS = "all-linear"  # attention and MLP projections
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 Algo = Literal["sft", "dpo", "grpo", "rloo"]
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 ValidityFn = Callable[[str, str], float]
-ProgressFn = Callable[[dict[str, Any]], None]
-
-
-class PolicyTrainingError(RuntimeError):
-    """The policy update cannot run with these inputs; the message says why."""
 
 
 @dataclass
@@ -92,6 +81,10 @@ class PolicySettings:
     torch_threads: int | None = None  # None: leave torch's setting alone
     bf16: bool = False  # fp32 is the safe CPU default
     logging_steps: int = 1
+
+    @property
+    def lora(self) -> LoraShape:
+        return LoraShape(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout)
 
     def sft_steps_for(self, examples: int) -> int:
         """sft_epochs passes over a small set; at least sft_min_examples (or every example once) seen on a
@@ -138,8 +131,7 @@ def train_policy(
 
     algo = resolve_algo(algo)
     settings = settings or PolicySettings()
-    if not 1 <= settings.lora_r <= MAX_LORA_RANK:
-        raise PolicyTrainingError(f"lora_r={settings.lora_r}: the engine loads adapters of rank 1..{MAX_LORA_RANK}")
+    settings.lora.check_rank()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     started = time.monotonic()
@@ -148,7 +140,7 @@ def train_policy(
     from transformers import set_seed
 
     set_seed(settings.seed)  # before get_peft_model: the LoRA A matrices are drawn from the global RNG
-    tokenizer, model = _load(base_model, settings)
+    tokenizer, model = load_with_adapter(base_model, settings.lora, bf16=settings.bf16)
     tracker = _RewardTracker()
     with tempfile.TemporaryDirectory(prefix="policy-") as scratch:
         scratch_dir = Path(scratch)
@@ -184,83 +176,7 @@ def train_policy(
     return PolicyResult(adapter_path=adapter_path, metrics=metrics)
 
 
-# --- model -----------------------------------------------------------------------------------------
-
-
-def _load(base_model: str, settings: PolicySettings):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if not tokenizer.chat_template:
-        raise PolicyTrainingError(f"{base_model}: the tokenizer has no chat template; the policy is trained on chat prompts")
-    base = load_causal_lm(base_model, torch.bfloat16 if settings.bf16 else torch.float32)
-    lora = LoraConfig(
-        r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules=LORA_TARGETS,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    # One adapter is created here and carried through SFT then RL/DPO (trainers get a PeftModel, no peft_config).
-    model = get_peft_model(base, lora)
-    model.peft_config["default"].base_model_name_or_path = str(base_model)
-    return tokenizer, model
-
-
-def load_causal_lm(base_model: str, dtype):
-    """`AutoModelForCausalLM.from_pretrained`, with every weight guaranteed off the meta device."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
-    _materialize_tied_embeddings(model, base_model)
-    return model
-
-
-def _checkpoint_ties_embeddings(base_model: str) -> bool:
-    """What the checkpoint's own config.json says, read as JSON: independent of transformers' in-process state."""
-    config_path = Path(base_model) / "config.json"
-    if not config_path.is_file():
-        return False
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    text_config = config.get("text_config") or {}
-    return bool(config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", False)))
-
-
-def _materialize_tied_embeddings(model, base_model: str) -> None:
-    """transformers 5 sometimes leaves a tied `lm_head` on the meta device after `from_pretrained` (seen in a long
-    test session: "lm_head.weight | MISSING", then "Cannot copy out of meta tensor" in the trainer). When the
-    checkpoint ties embeddings, tie them here; any other parameter left on meta is a broken checkpoint."""
-    output = model.get_output_embeddings()
-    if output is not None and output.weight.device.type == "meta" and _checkpoint_ties_embeddings(base_model):
-        log.warning(
-            "%s: output embeddings were not tied on load (config.tie_word_embeddings=%s, _tied_weights_keys=%s); tying them",
-            base_model, getattr(model.config, "tie_word_embeddings", None), getattr(type(model), "_tied_weights_keys", None),
-        )
-        output.weight = model.get_input_embeddings().weight
-    on_meta = [name for name, param in model.named_parameters() if param.device.type == "meta"]
-    if on_meta:
-        raise PolicyTrainingError(f"{base_model}: these weights were not loaded from the checkpoint: {on_meta[:5]}")
-
-
-def save_adapter(model, out_dir: Path) -> Path:
-    """Only the trained "default" adapter (a reference copy that RL with beta > 0 adds is left out). In a launched
-    round only the main process writes it: the others hold the same weights."""
-    out_dir = Path(out_dir)
-    if not is_main_process():
-        return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir), selected_adapters=["default"], safe_serialization=True)
-    missing = [name for name in ADAPTER_FILES if not (out_dir / name).is_file()]
-    if missing:
-        raise PolicyTrainingError(f"saving the adapter to {out_dir} did not write {missing}")
-    for name in ADAPTER_FILES:  # safetensors writes 0600; an engine running as another user must read it
-        os.chmod(out_dir / name, 0o644)
-    return out_dir
+# --- held-out scoring ------------------------------------------------------------------------------
 
 
 MAX_SCORED_PAIRS = 200
@@ -360,84 +276,74 @@ def _dpo_rows(pairs: Sequence[PreferencePair]) -> list[dict[str, Any]]:
 # --- trainers --------------------------------------------------------------------------------------
 
 
-def _common_args(settings: PolicySettings, output_dir: Path) -> dict[str, Any]:
+def _policy_args(settings: PolicySettings, output_dir: Path) -> dict[str, Any]:
+    """The shared trainer defaults plus what every policy stage sets alike: a constant learning rate, a log per step."""
     return dict(
-        output_dir=str(output_dir),
-        report_to="none",
-        save_strategy="no",
+        base_args(output_dir, seed=settings.seed),
         logging_steps=settings.logging_steps,
         logging_first_step=True,
-        seed=settings.seed,
-        data_seed=settings.seed,
-        use_cpu=_use_cpu(),
         bf16=settings.bf16,
-        # TRL defaults `gradient_checkpointing` on; transformers 5 renamed it (the old name warns) and it only slows
-        # small models down
-        activation_checkpointing=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
         lr_scheduler_type="constant",
         warmup_steps=0,
     )
 
 
-def _use_cpu() -> bool:
-    import torch
+@dataclass
+class _Stage:
+    """One policy stage: its TRL config and trainer classes, the rows it trains on, its own arguments."""
 
-    return not torch.cuda.is_available()
+    phase: str
+    config_cls: Any
+    trainer_cls: Any
+    rows: list[dict[str, Any]]
+    args: dict[str, Any]
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _run_stage(stage: _Stage, model, tokenizer, settings: PolicySettings, output_dir: Path,
+               progress: ProgressFn | None) -> tuple[int, TrainingLog]:
+    """Train `model` (the LoRA adapter on it) for one stage; (optimizer steps taken, the stage's logs)."""
+    from datasets import Dataset
+
+    config = stage.config_cls(**_policy_args(settings, output_dir), **stage.args)
+    logs = TrainingLog({"phase": stage.phase}, progress, summary=f"policy {stage.phase}")
+    trainer = build_trainer(stage.trainer_cls, model=model, args=config, train_dataset=Dataset.from_list(stage.rows),
+                            tokenizer=tokenizer, training_log=logs, **stage.trainer_kwargs)
+    trainer.train()
+    return trainer.state.global_step, logs
 
 
 def _run_sft(model, tokenizer, rows, settings: PolicySettings, output_dir: Path, progress) -> dict[str, Any]:
-    from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(
-        **_common_args(settings, output_dir),
+    args = dict(
         max_steps=settings.sft_steps_for(len(rows)),
         learning_rate=settings.sft_learning_rate,
         per_device_train_batch_size=per_device_batch(min(settings.sft_batch_size, len(rows))),
         max_length=settings.max_length,
         completion_only_loss=True,
     )
-    logs = _LogCollector("sft", progress)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-        callbacks=[logs.callback()],
-    )
-    _quiet(trainer)
-    trainer.train()
+    steps, logs = _run_stage(_Stage("sft", SFTConfig, SFTTrainer, rows, args), model, tokenizer, settings, output_dir,
+                             progress)
     losses = logs.series("loss")
-    return {"steps": trainer.state.global_step, "loss_first": _first(losses), "loss_last": _last(losses)}
+    return {"steps": steps, "loss_first": _first(losses), "loss_last": _last(losses)}
 
 
 def _run_dpo(model, tokenizer, rows, settings: PolicySettings, output_dir: Path, progress) -> dict[str, Any]:
-    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(
-        **_common_args(settings, output_dir),
+    args = dict(
         max_steps=settings.dpo_steps,
         learning_rate=settings.dpo_learning_rate,
         per_device_train_batch_size=per_device_batch(min(settings.dpo_batch_size, len(rows))),
         max_length=settings.max_length,
         beta=settings.dpo_beta,
     )
-    logs = _LogCollector("dpo", progress)
-    trainer = DPOTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-        callbacks=[logs.callback()],
-    )
-    _quiet(trainer)
-    trainer.train()
+    steps, logs = _run_stage(_Stage("dpo", DPOConfig, DPOTrainer, rows, args), model, tokenizer, settings, output_dir,
+                             progress)
     margins, losses, accuracies = logs.series("rewards/margins"), logs.series("loss"), logs.series("rewards/accuracies")
     return {
-        "steps": trainer.state.global_step,
+        "steps": steps,
         "reward_kind": "dpo implicit reward margin (chosen - rejected)",
         "mean_reward_first": _window_mean(margins, first=True),
         "mean_reward_last": _window_mean(margins, first=False),
@@ -450,8 +356,6 @@ def _run_dpo(model, tokenizer, rows, settings: PolicySettings, output_dir: Path,
 def _run_rl(
     algo, model, tokenizer, prompts, reward_fn, validity_fn, tracker, settings: PolicySettings, output_dir: Path, progress
 ) -> dict[str, Any]:
-    from datasets import Dataset
-
     if algo == "grpo":
         from trl import GRPOConfig as Config, GRPOTrainer as Trainer
     else:
@@ -467,8 +371,7 @@ def _run_rl(
     # a batch must hold whole prompt groups: with fewer distinct prompts than that, TRL yields no batch at all
     # ("There seems not to be a single sample in your epoch_iterator, stopping training at step 0!")
     batch = min(settings.prompts_per_step, len(prompts)) * settings.num_generations
-    args = Config(
-        **_common_args(settings, output_dir),
+    args = dict(
         max_steps=settings.rl_steps,
         learning_rate=settings.rl_learning_rate,
         per_device_train_batch_size=batch,
@@ -479,22 +382,13 @@ def _run_rl(
         reward_weights=weights,
         use_vllm=False,
     )
-    logs = _LogCollector(algo, progress)
-    trainer = Trainer(
-        model=model,
-        reward_funcs=reward_funcs,
-        args=args,
-        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
-        processing_class=tokenizer,
-        callbacks=[logs.callback()],
-    )
-    _quiet(trainer)
-    trainer.train()
-    if trainer.state.global_step == 0:
+    stage = _Stage(algo, Config, Trainer, [{"prompt": p} for p in prompts], args, {"reward_funcs": reward_funcs})
+    steps, logs = _run_stage(stage, model, tokenizer, settings, output_dir, progress)
+    if steps == 0:
         raise PolicyTrainingError(f"{algo.upper()} ran no step on {len(prompts)} prompts (batch {batch})")
     series = tracker.reward if reward_fn is not None else tracker.validity
     return {
-        "steps": trainer.state.global_step,
+        "steps": steps,
         "reward_kind": "reward_fn" if reward_fn is not None else "validity_fn",
         "mean_reward_first": _window_mean(series, first=True),
         "mean_reward_last": _window_mean(series, first=False),
@@ -564,58 +458,6 @@ def validity_from_config(config, texts_by_prompt: dict[str, dict[str, str]], *, 
         return 1.0
 
     return validity
-
-
-# --- progress --------------------------------------------------------------------------------------
-
-
-def _quiet(trainer) -> None:
-    """Drop transformers' PrinterCallback (it print()s every log dict); `_LogCollector` logs a summary line."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-
-
-_SHOWN = ("loss", "reward", "rewards/margins", "rewards/accuracies", "learning_rate")
-
-
-class _LogCollector:
-    """Keeps every trainer log and forwards it (with phase/step/max_steps) to the `progress` callable.
-    `callback()` wraps it in a `TrainerCallback` (built lazily: importing this module stays light)."""
-
-    def __init__(self, phase: str, progress: ProgressFn | None):
-        self.phase = phase
-        self.progress = progress
-        self.logs: list[dict[str, Any]] = []
-
-    def callback(self):
-        from transformers import TrainerCallback
-
-        collector = self
-
-        class ForwardLogs(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                collector.record(state, logs or {})
-
-        return ForwardLogs()
-
-    def record(self, state, logs: dict[str, Any]) -> None:
-        if not logs:
-            return
-        record = {"phase": self.phase, "step": state.global_step, "max_steps": state.max_steps}
-        record.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))})
-        self.logs.append(record)
-        shown = " ".join(f"{k}={record[k]:.4g}" for k in _SHOWN if isinstance(record.get(k), (int, float)))
-        log.info("policy %s step %d/%d %s", self.phase, state.global_step, state.max_steps, shown)
-        if self.progress is not None:
-            try:
-                self.progress(dict(record))
-            except Exception:  # progress reporting must never kill a training run
-                log.exception("policy progress callback failed")
-
-    def series(self, key: str) -> list[float]:
-        return [float(r[key]) for r in self.logs if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
 
 # --- small helpers ---------------------------------------------------------------------------------
