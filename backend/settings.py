@@ -19,6 +19,8 @@ from .registry import ADAPTERS_DIR
 # checkpoint into DATAENGINE_CACHE_DIR (training/embedded_model.py). Any other DATAENGINE_MODEL is a hub id
 # or a local model directory.
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+# DATAENGINE_POLICY_ALGO: the policy updates training/policy.py runs; the setting also takes "auto" and "none".
+POLICY_ALGOS = ("sft", "dpo", "grpo", "rloo")
 
 
 def _default_cache_dir() -> Path:
@@ -99,7 +101,7 @@ class Settings(BaseSettings):
     # training rounds
     rm_base: str = ""  # reward-model base: a local path or hub id; empty = the bundled MiniLM encoder on CPU
     rm_ensemble: int = Field(3, ge=1, le=8)  # reward models trained per round and averaged (training.reward_model)
-    policy_algo: str = Field("auto", pattern="^(auto|sft|dpo|grpo|rloo|none)$")  # training/rounds.py policy_plan
+    policy_algo: str = Field("auto", pattern=f"^(auto|{'|'.join(POLICY_ALGOS)}|none)$")  # training/rounds.py policy_plan
     min_pairs: int = Field(8, ge=1)  # fewer preference pairs than this: no training this round
     promote_margin: float = Field(0.0, ge=0.0, le=1.0)  # candidate may be this much worse and still promote
     eval_min_tasks: int = Field(5, ge=0)  # fewer held-out tasks: promote without an evaluation (recorded)

@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from training.preferences import derive  # noqa: E402
 from backend.reward_scoring import RewardModel  # noqa: E402
+from backend.settings import get_settings  # noqa: E402
 from training.reward_model import RewardSettings, default_render, train_reward_model  # noqa: E402
 
 DATA = Path("/work/shared/data/sentiment")
@@ -91,13 +92,14 @@ def top1_accuracy(model_path: Path, test_pairs) -> float:
 
 def run(settings: RewardSettings, sizes: list[int], seeds: list[int], pool, test_pairs, scratch: Path) -> dict:
     rows: dict[str, dict] = {}
+    rm_base = get_settings().rm_base  # DATAENGINE_RM_BASE; empty: the bundled MiniLM encoder
     for size in sizes:
         per_seed = {}
         for seed in seeds:
             chosen_reviews = random.Random(seed).sample(pool, size)
             pairs = pairs_for(chosen_reviews)
             out = scratch / f"rm-{size}-{seed}"
-            result = train_reward_model(pairs, out, settings=dataclasses.replace(settings, seed=seed))
+            result = train_reward_model(pairs, out, base=rm_base, settings=dataclasses.replace(settings, seed=seed))
             accuracy = top1_accuracy(out, test_pairs)
             m = result.metrics
             per_seed[seed] = {

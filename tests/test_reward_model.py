@@ -21,8 +21,8 @@ from tests.conftest import LABEL_CONFIGS  # noqa: E402
 from training.preferences import PreferencePair, derive  # noqa: E402
 from backend.reward_pooling import MEAN_POOL_ARCHITECTURE  # noqa: E402
 from backend.reward_scoring import ANSWER_MARKER, MEMBERS_KEY, META_FILE, RewardModel, encode, ensemble_scores  # noqa: E402
+from backend.settings import Settings  # noqa: E402
 from training.reward_model import (  # noqa: E402
-    ENV_BASE,
     RewardSettings,
     default_render,
     minilm_path,
@@ -207,10 +207,10 @@ def test_small_data_trains_the_upper_layers_only_and_larger_data_all_layers():
 
 
 def test_base_resolution(monkeypatch, tmp_path):
-    monkeypatch.delenv(ENV_BASE, raising=False)
-    assert resolve_base() == str(minilm_path())
-    monkeypatch.setenv(ENV_BASE, str(tmp_path))
-    assert resolve_base() == str(tmp_path)
+    monkeypatch.delenv("DATAENGINE_RM_BASE", raising=False)
+    assert resolve_base(Settings().rm_base) == str(minilm_path())
+    monkeypatch.setenv("DATAENGINE_RM_BASE", str(tmp_path))
+    assert resolve_base(Settings().rm_base) == str(tmp_path)
     assert resolve_base("minilm") == str(minilm_path())
 
 

@@ -32,12 +32,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+from backend.settings import POLICY_ALGOS
+
 from .distributed import is_main_process, per_device_batch
 from .lora_io import LoraShape, PolicyTrainingError, load_with_adapter, save_adapter
 from .preferences import PreferencePair, SftExample
 from .trainer_defaults import ProgressFn, TrainingLog, base_args, build_trainer
 
-ALGOS = ("sft", "dpo", "grpo", "rloo")
+ALGOS = POLICY_ALGOS
 
 Algo = Literal["sft", "dpo", "grpo", "rloo"]
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]

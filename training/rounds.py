@@ -180,7 +180,7 @@ def train_models(inputs: RoundInputs, kind: ProjectKind, staged: Path, settings:
         # all pairs: its own split holds out the same tasks as the gate (same task hash) and reports on them
         inputs.derived.pairs,
         staged / "reward_model",
-        base=settings.rm_base or None,
+        base=settings.rm_base,
         settings=RewardSettings(ensemble=settings.rm_ensemble),
         progress=lambda event: progress("reward_model", **_loggable(event)),
     )
