@@ -50,15 +50,12 @@ def build_tokenizer(vocab_size: int = 4096):
     return fast
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 4096, layers: int = 2) -> Path:
-    """Write config, random weights (bf16 safetensors), tokenizer and chat template to ``out_dir``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(tokenizer, layers: int = 2, **extra):
+    """The text model of every tiny model here: Llama, hidden size 128, two heads of 64 (vLLM's CPU attention
+    kernels reject smaller heads), tied embeddings (vLLM reads the flag; untied, lm_head would be left unloaded)."""
+    from transformers import LlamaConfig
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(vocab_size)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=256,
@@ -71,22 +68,43 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 4096,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
-        torch_dtype="bfloat16",
+        **extra,
     )
+
+
+def random_bf16_model(model_cls, config, seed: int):
+    """`model_cls(config)` with weights drawn from `seed`, in bfloat16."""
+    import torch
+
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(out)
+    return model_cls(config).to(torch.bfloat16)
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 4096, layers: int = 2) -> Path:
+    """Write config, random weights (bf16 safetensors), tokenizer and chat template to ``out_dir``."""
+    from transformers import LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(vocab_size)
+    config = tiny_llama_config(tokenizer, layers, torch_dtype="bfloat16")
+    random_bf16_model(LlamaForCausalLM, config, seed).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", help="directory to write the model to, e.g. models/tiny")
+def write_model_main(build, what: str, example_dir: str, argv: list[str] | None = None) -> None:
+    """`python -m training.tiny_model DIR [--seed N]` and its vision-language twin."""
+    parser = argparse.ArgumentParser(description=f"Build a {what} that vLLM can serve, offline")
+    parser.add_argument("out_dir", help=f"directory to write the model to, e.g. {example_dir}")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    path = build_tiny_model(args.out_dir, seed=args.seed)
-    print(f"tiny random model written to {path}\nrun it with: DATAENGINE_MODEL={path} make run")
+    path = build(args.out_dir, seed=args.seed)
+    print(f"{what} written to {path}\nrun it with: DATAENGINE_MODEL={path} make run")
+
+
+def main(argv: list[str] | None = None) -> None:
+    write_model_main(build_tiny_model, "tiny random model", "models/tiny", argv)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,9 @@ of 14 px, pixel-shuffled 2x2 = 4 image tokens per tile), images at most 112 px a
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from training.tiny_model import build_tokenizer
+from training.tiny_model import build_tokenizer, random_bf16_model, tiny_llama_config, write_model_main
 
 IMAGE_TOKEN = "<image>"
 TILE = 56
@@ -53,18 +52,12 @@ def build_vlm_tokenizer(vocab_size: int = 4096):
 
 def build_tiny_vlm(out_dir: str | Path, seed: int = 0, vocab_size: int = 4096, layers: int = 2) -> Path:
     """Write config, random weights (bf16 safetensors), tokenizer, image processor and chat template."""
-    import torch
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_vlm_tokenizer(vocab_size)
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,  # vLLM reads the text config's flag; untied, lm_head would be left unloaded
-    )
+    text = tiny_llama_config(tokenizer, layers)
     vision = {
         "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 2,
         "image_size": TILE, "patch_size": PATCH,
@@ -77,8 +70,7 @@ def build_tiny_vlm(out_dir: str | Path, seed: int = 0, vocab_size: int = 4096, l
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config).to(torch.bfloat16)
+    model = random_bf16_model(Idefics3ForConditionalGeneration, config, seed)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out)
     _processor(tokenizer).save_pretrained(out)
@@ -98,12 +90,7 @@ def _processor(tokenizer):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", help="directory to write the model to, e.g. models/tiny-vlm")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    path = build_tiny_vlm(args.out_dir, seed=args.seed)
-    print(f"tiny random vision-language model written to {path}\nrun it with: DATAENGINE_MODEL={path} make run")
+    write_model_main(build_tiny_vlm, "tiny random vision-language model", "models/tiny-vlm", argv)
 
 
 if __name__ == "__main__":
