@@ -12,6 +12,7 @@ COPY pyproject.toml README.md ./
 COPY scripts/setup.sh scripts/setup.sh
 COPY backend backend
 COPY training training
+COPY dataengine dataengine
 COPY label_config label_config
 RUN scripts/setup.sh app
 

@@ -1,5 +1,5 @@
-"""Serving commands of the `dataengine` CLI (`serve`). training/cli.py adds the training commands and is
-the console-script entry point, since only the training side may import both packages."""
+"""Serving commands of the `dataengine` CLI: `serve`, and `versions` (what each project serves). The console
+script is dataengine/cli.py, above both halves: it adds training/cli.py's commands to these."""
 from __future__ import annotations
 
 import argparse
@@ -52,9 +52,10 @@ def serve(settings: Settings) -> int:
 
 
 def start_worker() -> subprocess.Popen:
-    """The RQ worker as a child process (started by module name: backend never imports training)."""
+    """The RQ worker as a child process (`dataengine worker`, started by module name: backend never imports
+    training)."""
     log.info("starting the RQ worker (REDIS_URL=%s)", redact_url(get_settings().redis_url))
-    return subprocess.Popen([sys.executable, "-m", "training.cli", "worker", "--queues", "training,prelabel"])
+    return subprocess.Popen([sys.executable, "-m", "dataengine", "worker", "--queues", "training,prelabel"])
 
 
 def run_http_server(settings: Settings) -> None:
@@ -87,21 +88,35 @@ def run_http_server(settings: Settings) -> None:
 
 def add_serving_commands(subparsers) -> None:
     subparsers.add_parser("serve", help="start the engine (unless DATAENGINE_ENGINE_URL is set) and the backend")
+    versions = subparsers.add_parser("versions", help="list model versions per project and which one serves")
+    versions.add_argument("--project")
 
 
 def run_serving_command(args: argparse.Namespace) -> int | None:
+    """The command's exit code; None when `args.command` is not a serving command."""
     if args.command == "serve":
         return serve(get_settings())
+    if args.command == "versions":
+        return print_versions(args.project)
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dataengine")
-    add_serving_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    if start_logging() is None:
-        return 2
-    return run_serving_command(args) or 0
+def print_versions(project: str | None) -> int:
+    from .registry import VersionReader
+
+    settings = get_settings()
+    reader = VersionReader(settings.projects_dir, settings.model_name)
+    projects = [project] if project else reader.projects()
+    if not projects:
+        print(f"no trained versions under {settings.projects_dir}; every project serves {reader.base.name}")
+    for name in projects:
+        print(f"project {name}: serving {reader.current(name).name}")
+        for version in reader.versions(name):
+            mark = "*" if version["current"] else " "
+            metrics = version.get("metrics", {})
+            summary = ", ".join(f"{k}={v}" for k, v in metrics.items() if isinstance(v, (int, float)))
+            print(f"  {mark} {version['name']:<28} parent={version.get('parent') or '-':<24} {summary}")
+    return 0
 
 
 def start_logging() -> Settings | None:
@@ -114,7 +129,3 @@ def start_logging() -> Settings | None:
         return None
     configure_logging(settings.log_level, settings.log_format)
     return settings
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -38,7 +38,7 @@ from tests.e2e.label_studio_harness import LabelStudioServer, ensure_label_studi
 # Runs the CLI in a child process and writes its peak RSS next to its own JSON summary.
 _CHILD = (
     "import json, resource, sys\n"
-    "from training.cli import main\n"
+    "from dataengine.cli import main\n"
     "code = main(sys.argv[2:])\n"
     "open(sys.argv[1], 'w').write(json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
     "sys.exit(code)\n"

@@ -47,7 +47,7 @@ def start_workers(count: int, env: dict[str, str], workdir: Path, queue: Feedbac
     workers = []
     for index in range(count):
         with open(workdir / f"worker-{time.time_ns()}-{index}.log", "wb") as out:
-            workers.append(subprocess.Popen([sys.executable, "-m", "training.cli", "worker", "--queues", "prelabel"],
+            workers.append(subprocess.Popen([sys.executable, "-m", "dataengine", "worker", "--queues", "prelabel"],
                                             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + 120
     while Worker.count(connection=queue.redis, queue=queue.prelabel) < count:

@@ -167,7 +167,7 @@ def load_config(name: str) -> tuple[str, list[dict]]:
 def run_backend(
     engine_url: str, model_dir: Path, log_path: Path, extra_env: dict[str, str] | None = None, startup_timeout: float = 90.0
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`dataengine serve` (python -m training.cli serve) under granian, attached to `engine_url`.
+    """`dataengine serve` (python -m dataengine serve) under granian, attached to `engine_url`.
 
     Yields (url, process); the log (stdout + stderr) goes to `log_path`. `extra_env` adds or overrides
     environment variables (e.g. LABEL_STUDIO_URL); the RQ worker is off unless DATAENGINE_RUN_WORKER=1.
@@ -190,7 +190,7 @@ def run_backend(
     log_path = Path(log_path)
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "training.cli", "serve"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "dataengine", "serve"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + startup_timeout

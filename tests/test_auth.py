@@ -65,7 +65,7 @@ def test_serve_refuses_to_start_with_half_a_credential(tmp_path, variable):
 
     env = {**os.environ, "BASIC_AUTH_USER": "", "BASIC_AUTH_PASS": "", variable: "only-me",
            "DATAENGINE_ENGINE_URL": "http://127.0.0.1:9", "MODEL_DIR": str(tmp_path), "DATAENGINE_RUN_WORKER": "0"}
-    done = subprocess.run([sys.executable, "-m", "training.cli", "serve"], cwd=REPO, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "dataengine", "serve"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "BASIC_AUTH_USER and BASIC_AUTH_PASS" in done.stderr and "only-me" not in done.stdout + done.stderr

@@ -39,7 +39,7 @@ def test_redis_password_stays_out_of_serve_and_worker_logs(tmp_path):
     with run_backend(DEAD_ENGINE, tmp_path / "model_dir", log_path, env):
         pass
     worker = subprocess.run(
-        [sys.executable, "-m", "training.cli", "worker"], cwd=REPO, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "dataengine", "worker"], cwd=REPO, capture_output=True, text=True, timeout=60,
         env={**os.environ, "REDIS_URL": redis_url},
     )
     logged = log_path.read_text() + worker.stdout + worker.stderr

@@ -34,7 +34,7 @@ def test_local_model_resolves_to_an_absolute_path(tiny_model_dir):
 
 def test_serve_exits_with_a_clear_error_when_the_model_is_missing(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "DATAENGINE_MODEL": str(tmp_path / "missing"), "MODEL_DIR": str(tmp_path), "HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "serve"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "dataengine", "serve"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "no such directory" in proc.stderr
 

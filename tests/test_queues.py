@@ -32,7 +32,7 @@ def start_worker(log_path: Path, queues: str) -> subprocess.Popen:
     env = {**os.environ, "REDIS_URL": REDIS_URL, "DATAENGINE_RECONCILE_INTERVAL": "0", "LABEL_STUDIO_URL": "",
            "LABEL_STUDIO_API_KEY": "", "BASIC_AUTH_USER": "", "BASIC_AUTH_PASS": "", "DATAENGINE_RETRY_INTERVALS": ""}
     with open(log_path, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "training.cli", "worker", "--queues", queues], cwd=REPO, env=env,
+        return subprocess.Popen([sys.executable, "-m", "dataengine", "worker", "--queues", queues], cwd=REPO, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
 
 

@@ -28,7 +28,7 @@ def start_worker(log_path: Path, interval: int) -> subprocess.Popen:
     env = {**os.environ, "REDIS_URL": REDIS_URL, "DATAENGINE_RECONCILE_INTERVAL": str(interval), "LABEL_STUDIO_URL": "",
            "LABEL_STUDIO_API_KEY": "", "BASIC_AUTH_USER": "", "BASIC_AUTH_PASS": ""}
     with open(log_path, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "training.cli", "worker"], cwd=REPO, env=env, stdout=out,
+        return subprocess.Popen([sys.executable, "-m", "dataengine", "worker"], cwd=REPO, env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
 
 

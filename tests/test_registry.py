@@ -62,9 +62,9 @@ def test_versions_endpoint_and_cli(tmp_path):
     body = client.get("/versions?project=5").get_json()["projects"]["5"]
     assert body["current"] == f"{TINY_NAME}-p5-v1" and body["versions"][0]["current"] is True
     env = {"PATH": "/usr/bin:/bin", "MODEL_DIR": str(settings.model_dir), "DATAENGINE_SERVED_MODEL_NAME": TINY_NAME, "HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "training.cli", "versions"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "dataengine", "versions"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and f"serving {TINY_NAME}-p5-v1" in out.stdout, out.stderr
-    back = subprocess.run([sys.executable, "-m", "training.cli", "rollback", "--project", "5", "--to", "base"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    back = subprocess.run([sys.executable, "-m", "dataengine", "rollback", "--project", "5", "--to", "base"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert back.returncode == 0 and f"now serves {TINY_NAME}-base" in back.stdout
 
 

@@ -19,7 +19,7 @@ from backend.prompts import build_choice_messages, build_messages, option_answer
 from backend.usage import OVERFLOW_PROJECT, Usage, UsageStore, usage_rows
 from tests.conftest import TINY_NAME, flushed_redis, load_config, make_settings, redis_db
 from tests.test_ranking import FakeLabelStudio
-from training.cli import main as dataengine
+from dataengine.cli import main as dataengine
 from training.prelabel import PrelabelOptions, Prelabeler
 
 REDIS_URL = redis_db(4)  # this file's own database, flushed per test

@@ -144,6 +144,6 @@ def test_jobs_cli_lists_state_and_progress(tmp_path, redis):
     client = app_client(tmp_path, train_every=1)
     job_id = client.post("/webhook", json=annotation_event(1)).get_json()["training_job"]
     env = {"PATH": "/usr/bin:/bin", "REDIS_URL": REDIS_URL, "HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "training.cli", "jobs"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "dataengine", "jobs"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert job_id in out.stdout and "queued" in out.stdout and "project=7" in out.stdout

@@ -1,18 +1,17 @@
-"""The `dataengine` console script: serving commands from backend/ plus the training-side commands."""
+"""Training-side commands of the `dataengine` CLI: workers, rounds, jobs, rollback, reports, pre-labelling, models.
+
+The console script itself is dataengine/cli.py, which adds these to backend/cli.py's serving commands.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from backend.cli import add_serving_commands, run_serving_command, start_logging
 from backend.settings import get_settings
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dataengine", description="Label Studio ML backend that learns from annotators")
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_serving_commands(commands)
+def add_training_commands(commands) -> None:
     worker = commands.add_parser("worker", help="run an RQ worker: training rounds, pre-labelling, reconcile")
     worker.add_argument(
         "--queues", default="training,prelabel",
@@ -23,8 +22,6 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--limit", type=int, default=20)
     train = commands.add_parser("train", help="enqueue a training round for a project now")
     train.add_argument("--project", required=True)
-    versions = commands.add_parser("versions", help="list model versions per project and which one serves")
-    versions.add_argument("--project")
     rollback = commands.add_parser("rollback", help="serve the previously promoted version (or --to NAME|base)")
     rollback.add_argument("--project", required=True)
     rollback.add_argument("--to", help="version name, or 'base'")
@@ -45,29 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny-model", help="write a tiny random model for offline smoke runs")
     tiny.add_argument("out_dir", help="e.g. models/tiny")
     tiny.add_argument("--seed", type=int, default=0)
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if start_logging() is None:
-        return 2
+def run_training_command(args: argparse.Namespace) -> int | None:
+    """The command's exit code; None when `args.command` is not a training command."""
     if args.command == "make-tiny-model":
-        from .tiny_model import build_tiny_model
-
-        path = build_tiny_model(args.out_dir, seed=args.seed)
-        print(f"tiny random model written to {path}\nsmoke run: DATAENGINE_MODEL={path} make run")
-        return 0
+        return make_tiny_model(args.out_dir, args.seed)
     if args.command == "fetch-model":
         return fetch_model(args.force)
-    if args.command == "serve" and prepare_embedded_model() != 0:
-        return 2
     if args.command == "worker":
         return run_worker(args.queues)
     if args.command == "jobs":
         return print_jobs(args.limit)
-    if args.command == "versions":
-        return print_versions(args.project)
     if args.command == "rollback":
         return do_rollback(args.project, args.to)
     if args.command == "report":
@@ -75,10 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prelabel":
         return run_prelabel_command(args)
     if args.command == "train":
-        queue = _queue()
-        print(queue.request_training(args.project, reason="cli"))
+        print(_queue().request_training(args.project, reason="cli"))
         return 0
-    return run_serving_command(args) or 0
+    return None
+
+
+def make_tiny_model(out_dir: str, seed: int) -> int:
+    from .tiny_model import build_tiny_model
+
+    path = build_tiny_model(out_dir, seed=seed)
+    print(f"tiny random model written to {path}\nsmoke run: DATAENGINE_MODEL={path} make run")
+    return 0
 
 
 def fetch_model(force: bool) -> int:
@@ -172,24 +165,6 @@ def run_worker(queues: str) -> int:
     return 0
 
 
-def print_versions(project: str | None) -> int:
-    from backend.registry import VersionReader
-
-    settings = get_settings()
-    reader = VersionReader(settings.projects_dir, settings.model_name)
-    projects = [project] if project else reader.projects()
-    if not projects:
-        print(f"no trained versions under {settings.projects_dir}; every project serves {reader.base.name}")
-    for name in projects:
-        print(f"project {name}: serving {reader.current(name).name}")
-        for version in reader.versions(name):
-            mark = "*" if version["current"] else " "
-            metrics = version.get("metrics", {})
-            summary = ", ".join(f"{k}={v}" for k, v in metrics.items() if isinstance(v, (int, float)))
-            print(f"  {mark} {version['name']:<28} parent={version.get('parent') or '-':<24} {summary}")
-    return 0
-
-
 def do_rollback(project: str, to: str | None) -> int:
     from .registry import Registry
 
@@ -258,7 +233,3 @@ def print_jobs(limit: int) -> int:
         line = f"{job['id']:<32} {job['status']:<9} project={job['project'] or '-':<6} stage={stage:<10}"
         print(line + (f" error={job['error']}" if job["error"] else ""))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

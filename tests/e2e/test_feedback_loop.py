@@ -170,7 +170,7 @@ def children(pid: int) -> list[int]:
 def worker_pid(serve_pid: int) -> int:
     """serve -> RQ worker; the worker forks a work-horse per job."""
     for pid in children(serve_pid):
-        if b"training.cli worker" in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" "):
+        if b"dataengine worker" in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" "):
             return pid
     raise AssertionError("dataengine serve started no RQ worker")
 

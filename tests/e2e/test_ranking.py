@@ -215,7 +215,7 @@ def run_cli_prelabel(stack, project_id: int, *args: str) -> dict:
     env = {**os.environ, **stack["env"], "DATAENGINE_ENGINE_URL": stack["engine_url"], "DATAENGINE_SERVED_MODEL_NAME": TINY_NAME,
            "MODEL_DIR": str(stack["model_dir"])}
     done = subprocess.run(
-        [sys.executable, "-m", "training.cli", "prelabel", "--project", str(project_id), *args],
+        [sys.executable, "-m", "dataengine", "prelabel", "--project", str(project_id), *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
