@@ -16,11 +16,11 @@ from .engine_client import EngineClient
 from .errors import BadRequest, PayloadTooLarge, RequestError
 from .feedback import HANDLED_ACTIONS, parse_webhook
 from .images import LabelStudioAccess
-from .jobs import FeedbackQueue
 from .label_config import compile_label_config
 from .predictor import PredictRequest, Predictor
-from .prelabel_queue import PrelabelRequest, enqueue_prelabel
+from .protocol import PrelabelRequest
 from .projects import ProjectSettings, ProjectStore, project_id_from
+from .queue import FeedbackQueue, enqueue_prelabel
 from .ranking import compile_ranking_config, is_comparison_config
 from .registry import VersionReader
 from .settings import Settings, get_settings

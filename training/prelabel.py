@@ -31,11 +31,11 @@ from redis import Redis
 from backend.engine_client import EngineClient
 from backend.errors import RequestError
 from backend.images import LabelStudioAccess
-from backend.jobs import key
 from backend.label_config import CompiledConfig, compile_label_config
 from backend.label_studio import client as label_studio_client
 from backend.predictor import PredictRequest, Predictor, TaskFailure
 from backend.projects import ProjectStore
+from backend.queue import prelabel_lock_key
 from backend.ranking import CandidateFiller, FilledTask, RankingConfig, compile_ranking_config, is_comparison_config
 from backend.registry import ServingVersion, VersionReader
 from backend.settings import Settings, get_settings
@@ -491,7 +491,7 @@ def run_prelabel(
     project: str, force: bool = False, limit: int | None = None, task_ids: list[int] | None = None,
     settings: Settings | None = None,
 ) -> dict[str, Any]:
-    """The RQ job (enqueued by name from backend/prelabel_queue.py); progress in the job's meta."""
+    """The RQ job (enqueued by name from backend/queue.py); progress in the job's meta."""
     from rq import get_current_job
 
     settings = settings or get_settings()
@@ -504,7 +504,7 @@ def run_prelabel(
 
     # One run per project at a time (POST /prelabel, TASKS_CREATED and reconcile may all start one): the next
     # waits, then skips what the first stored
-    with renewed_lock(Redis.from_url(settings.redis_url), key("prelabel-lock", str(project)), settings.lock_ttl,
+    with renewed_lock(Redis.from_url(settings.redis_url), prelabel_lock_key(str(project)), settings.lock_ttl,
                       wait=settings.job_timeout):
         prelabeler = Prelabeler(settings)
         try:
