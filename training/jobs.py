@@ -32,7 +32,7 @@ from backend.queue import (
     seen_annotations_key,
     train_lock_key,
 )
-from backend.ranking import compile_ranking_config, is_comparison_config
+from backend.ranking import ranking_config_of
 from backend.settings import Settings, get_settings
 
 from .export import export_project
@@ -163,7 +163,7 @@ def _read_project(project: str, settings: Settings) -> ProjectState:
     url, api_key = _label_studio_credentials(settings)
     ls = client(url, api_key)
     xml = ls.projects.get(id=int(project)).label_config or ""
-    ranking = compile_ranking_config(xml, settings=settings) if is_comparison_config(xml) else None
+    ranking = ranking_config_of(xml, settings=settings)
     annotations, unfilled = 0, []
     for task in ls.tasks.list(project=int(project), fields="all"):
         annotations += len(task.annotations or [])

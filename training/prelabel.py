@@ -28,15 +28,16 @@ from typing import Any, Callable, Iterable, Iterator
 
 from redis import Redis
 
+from backend.candidate_fill import CandidateFiller, FilledTask
 from backend.engine_client import EngineClient
 from backend.errors import RequestError
 from backend.images import LabelStudioAccess
-from backend.label_config import CompiledConfig, compile_label_config
+from backend.label_config import CompiledConfig
 from backend.label_studio import client as label_studio_client
 from backend.predictor import PredictRequest, Predictor, TaskFailure
 from backend.projects import ProjectStore
 from backend.queue import prelabel_lock_key
-from backend.ranking import CandidateFiller, FilledTask, RankingConfig, compile_ranking_config, is_comparison_config
+from backend.ranking import RankingConfig, compile_any
 from backend.registry import ServingVersion, VersionReader
 from backend.settings import Settings, get_settings
 from backend.usage import Usage, UsageStore
@@ -168,8 +169,9 @@ class Prelabeler:
         version = versions.current(options.project)
         ours = frozenset({versions.base.name, version.name, *(v["name"] for v in versions.versions(options.project))})
         stored = ProjectStore(self.settings.projects_dir).get(options.project)
-        ranking = compile_ranking_config(xml, settings=self.settings) if is_comparison_config(xml) else None
-        config = None if ranking else compile_label_config(xml, settings=self.settings)
+        compiled = compile_any(xml, settings=self.settings)
+        ranking = compiled if isinstance(compiled, RankingConfig) else None
+        config = None if ranking else compiled
         total = len(options.task_ids) if options.task_ids else getattr(project, "task_number", None)
         summary = PrelabelSummary(options.project, "candidates" if ranking else "predictions", version.name, total=total)
         return _Plan(
