@@ -15,7 +15,6 @@ from . import label_studio, metrics, quality
 from .engine_client import EngineClient
 from .errors import BadRequest, PayloadTooLarge, RequestError
 from .feedback import HANDLED_ACTIONS, parse_webhook
-from .images import LabelStudioAccess
 from .label_config import compile_label_config
 from .predictor import PredictRequest, Predictor
 from .protocol import PrelabelRequest
@@ -34,10 +33,7 @@ MAX_JSON_DEPTH = 64  # Label Studio's bodies nest about 8 deep; deeper is refuse
 
 def create_app(settings: Settings | None = None, engine: EngineClient | None = None) -> Flask:
     settings = settings or get_settings()
-    if engine is None:
-        if not settings.engine_url:
-            raise RuntimeError("DATAENGINE_ENGINE_URL is not set (`dataengine serve` sets it when it starts the engine)")
-        engine = EngineClient(settings.engine_url, settings.model_name, settings.engine_request_timeout)
+    engine = EngineClient.from_settings(settings) if engine is None else engine
     app = Flask("dataengine")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["dataengine"] = services = Services(settings, engine)
@@ -187,7 +183,7 @@ def _install_routes(app: Flask, services: Services) -> None:
             _compile_any(schema, settings)  # 4xx now, not at the first /predict
         overrides = _parse_extra_params(body.get("extra_params"))
         hostname, access_token = bind_token(stored, hostname, access_token)
-        access = _label_studio_access(settings, hostname, access_token)
+        access = label_studio.access_for(settings, hostname, access_token)
         guarded = not (access.trusted or settings.allow_private_urls)
         instructions = label_studio.fetch_instructions(access.url, access.token, project, guarded=guarded)
         updated = ProjectSettings(
@@ -231,7 +227,7 @@ def _install_routes(app: Flask, services: Services) -> None:
             candidates=overrides.get("candidates") or stored.candidates or settings.candidates,
             temperature=overrides.get("temperature") or stored.temperature or settings.temperature,
             instructions=stored.instructions,
-            label_studio=_label_studio_access(settings, stored.label_studio_hostname, stored.label_studio_token),
+            label_studio=label_studio.access_for(settings, stored.label_studio_hostname, stored.label_studio_token),
             project=project,
         )
         outcome = services.predictor.predict_each(predict_request)
@@ -351,15 +347,6 @@ def _origin(url: str) -> str:
     except httpx.InvalidURL:
         return url
     return f"{parsed.scheme}://{parsed.netloc.decode('ascii').lower()}"
-
-
-def _label_studio_access(settings: Settings, hostname: str, token: str) -> LabelStudioAccess:
-    """Where to read Label Studio, with which token. A configured LABEL_STUDIO_URL wins over the /setup
-    `hostname` (often localhost as seen from Label Studio's own container) and is the only host trusted by the
-    SSRF guard; LABEL_STUDIO_API_KEY goes to that URL only, never to a host a /setup body named."""
-    if settings.label_studio_url:
-        return LabelStudioAccess(url=settings.label_studio_url, token=settings.label_studio_api_key or token, trusted=True)
-    return LabelStudioAccess(url=hostname, token=token, trusted=False)
 
 
 def _empty_prediction(model_version: str) -> dict[str, Any]:

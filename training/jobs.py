@@ -19,6 +19,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import get_current_job
 
+from backend.label_studio import client, credentials
 from backend.metrics import record_training_job
 from backend.protocol import PrelabelRequest
 from backend.queue import (
@@ -43,6 +44,7 @@ from .snapshot import label_config_hash, write_snapshot
 
 log = logging.getLogger(__name__)
 MAX_ROUNDS_PER_JOB = 5
+WORKER_NEEDS_LABEL_STUDIO = "for the worker to export annotations"
 
 
 def report_progress(stage: str, **detail: Any) -> None:
@@ -91,7 +93,7 @@ def _record_metrics(redis: Redis, outcome: str, seconds: float) -> None:
 
 
 def _one_round(project: str, settings: Settings, redis: Redis) -> dict[str, Any]:
-    url, api_key = _label_studio_credentials(settings)
+    url, api_key = credentials(settings, WORKER_NEEDS_LABEL_STUDIO)
     report_progress("export", tasks=0)
     exported = export_project(url, api_key, project, progress=lambda n: report_progress("export", tasks=n))
     report_progress("derive", tasks=len(exported.tasks))
@@ -112,12 +114,6 @@ def _one_round(project: str, settings: Settings, redis: Redis) -> dict[str, Any]
         "counts": snapshot.counts,
         "learning": learned,
     }
-
-
-def _label_studio_credentials(settings: Settings) -> tuple[str, str]:
-    if not (settings.label_studio_url and settings.label_studio_api_key):
-        raise RuntimeError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set for the worker to export annotations")
-    return settings.label_studio_url, settings.label_studio_api_key
 
 
 def reconcile(settings: Settings | None = None) -> dict[str, Any]:
@@ -158,10 +154,7 @@ class ProjectState:
 
 
 def _read_project(project: str, settings: Settings) -> ProjectState:
-    from backend.label_studio import client
-
-    url, api_key = _label_studio_credentials(settings)
-    ls = client(url, api_key)
+    ls = client(*credentials(settings, WORKER_NEEDS_LABEL_STUDIO))
     xml = ls.projects.get(id=int(project)).label_config or ""
     ranking = ranking_config_of(xml, settings=settings)
     annotations, unfilled = 0, []

@@ -29,10 +29,11 @@ from typing import Any, Callable, Iterable, Iterator
 from redis import Redis
 
 from backend.candidate_fill import CandidateFiller, FilledTask
-from backend.engine_client import EngineClient
+from backend.engine_client import EngineClient, EngineNotConfigured
 from backend.errors import RequestError
 from backend.images import LabelStudioAccess
 from backend.label_config import CompiledConfig
+from backend.label_studio import LabelStudioNotConfigured, credentials
 from backend.label_studio import client as label_studio_client
 from backend.predictor import PredictRequest, Predictor, TaskFailure
 from backend.projects import ProjectStore
@@ -111,16 +112,11 @@ class Prelabeler:
             Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0), settings.max_projects
         )
         self._own_engine = engine is None
-        if engine is None:
-            if not settings.engine_url:
-                raise PrelabelError("DATAENGINE_ENGINE_URL is not set: point it at the running vLLM engine")
-            engine = EngineClient(settings.engine_url, settings.model_name, settings.engine_request_timeout)
-        self.engine = engine
-        if ls is None:
-            if not (settings.label_studio_url and settings.label_studio_api_key):
-                raise PrelabelError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set to pre-label a project")
-            ls = label_studio_client(settings.label_studio_url, settings.label_studio_api_key, timeout=120.0)
-        self.ls = ls
+        try:
+            self.engine = EngineClient.from_settings(settings) if engine is None else engine
+            self.ls = label_studio_client(*credentials(settings, "to pre-label a project"), timeout=120.0) if ls is None else ls
+        except (EngineNotConfigured, LabelStudioNotConfigured) as exc:
+            raise PrelabelError(str(exc)) from exc
         tuned = settings.model_copy(update={"predict_concurrency": settings.prelabel_concurrency})
         self.predictor = Predictor(tuned, engine)
         self.filler = CandidateFiller(self.predictor)
