@@ -36,7 +36,7 @@ from backend.label_config import CompiledConfig
 from backend.label_studio import LabelStudioNotConfigured, credentials
 from backend.label_studio import client as label_studio_client
 from backend.predictor import PredictRequest, Predictor, TaskFailure
-from backend.projects import ProjectStore
+from backend.projects import ProjectStore, Sampling
 from backend.queue import prelabel_lock_key
 from backend.ranking import RankingConfig, compile_any
 from backend.registry import ServingVersion, VersionReader
@@ -164,7 +164,7 @@ class Prelabeler:
         versions = VersionReader(self.settings.projects_dir, self.settings.model_name)
         version = versions.current(options.project)
         ours = frozenset({versions.base.name, version.name, *(v["name"] for v in versions.versions(options.project))})
-        stored = ProjectStore(self.settings.projects_dir).get(options.project)
+        sampling = Sampling.resolve(self.settings, ProjectStore(self.settings.projects_dir).get(options.project))
         compiled = compile_any(xml, settings=self.settings)
         ranking = compiled if isinstance(compiled, RankingConfig) else None
         config = None if ranking else compiled
@@ -172,8 +172,7 @@ class Prelabeler:
         summary = PrelabelSummary(options.project, "candidates" if ranking else "predictions", version.name, total=total)
         return _Plan(
             config=config, ranking=ranking, version=version, our_versions=ours, instructions=instructions, summary=summary,
-            candidates=stored.candidates or self.settings.candidates,
-            temperature=stored.temperature or self.settings.temperature,
+            candidates=sampling.candidates, temperature=sampling.temperature,
         )
 
     def _todo(self, plan: "_Plan", options: PrelabelOptions, tqdm_bar) -> Iterator[dict[str, Any]]:
