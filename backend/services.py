@@ -203,7 +203,8 @@ class Webhooks:
             body["note"] = f"event {event.action} recorded; it does not affect training"
         if event.action == "TASKS_CREATED" and event.task_ids and self._is_ranking_project(event.project):
             # ranking projects: the new tasks get their candidates written in by a prelabel job
-            body["prelabel_job"] = self.prelabel.enqueue(PrelabelRequest(event.project, task_ids=event.task_ids, reason="TASKS_CREATED"))
+            fill = PrelabelRequest(event.project, task_ids=event.task_ids, reason="TASKS_CREATED")
+            body["prelabel_job"] = self.prelabel.enqueue(fill)
         return body
 
     def _is_ranking_project(self, project: str) -> bool:

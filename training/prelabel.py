@@ -53,6 +53,7 @@ IMPORT_ATTEMPTS = 3  # tries of one import_predictions batch; between them, what
 IMPORT_BACKOFF_S = 2.0
 PREFETCH_TASKS = 2 * PAGE_SIZE  # tasks read ahead while the engine works
 MAX_REPORTED_ERRORS = 20
+PRELABEL_NEEDS = "to pre-label a project"  # completes "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set ..."
 WRITE_THREADS = 8  # concurrent one-task calls (`tasks.update`, `predictions.delete`) while a batch is written
 
 
@@ -114,11 +115,11 @@ class Prelabeler:
         self._own_engine = engine is None
         try:
             self.engine = EngineClient.from_settings(settings) if engine is None else engine
-            self.ls = label_studio_client(*credentials(settings, "to pre-label a project"), timeout=120.0) if ls is None else ls
+            self.ls = ls if ls is not None else label_studio_client(*credentials(settings, PRELABEL_NEEDS), timeout=120.0)
         except (EngineNotConfigured, LabelStudioNotConfigured) as exc:
             raise PrelabelError(str(exc)) from exc
         tuned = settings.model_copy(update={"predict_concurrency": settings.prelabel_concurrency})
-        self.predictor = Predictor(tuned, engine)
+        self.predictor = Predictor(tuned, self.engine)
         self.filler = CandidateFiller(self.predictor)
         self.access = LabelStudioAccess(url=settings.label_studio_url, token=settings.label_studio_api_key, trusted=True)
 
