@@ -28,6 +28,10 @@ MAX_SCORING_REQUESTS = 8
 MASS_FLOOR = 1e-9
 
 
+class EngineNotConfigured(RuntimeError):
+    """No engine to build a client for: DATAENGINE_ENGINE_URL is empty."""
+
+
 class UnknownModel(RequestError):
     """The engine does not know the requested model/adapter (e.g. it restarted and lost its adapters)."""
 
@@ -61,10 +65,11 @@ class EngineClient:
 
     @classmethod
     def from_settings(cls, settings) -> "EngineClient":
-        """The engine `DATAENGINE_ENGINE_URL` names (`dataengine serve` sets it for its worker)."""
+        """The client of the engine(s) `DATAENGINE_ENGINE_URL` names: the one way the backend, the worker and
+        pre-labelling build it. Raises EngineNotConfigured when it is empty."""
         if not settings.engine_url:
-            raise RuntimeError("DATAENGINE_ENGINE_URL is not set: the worker needs the engine to evaluate versions "
-                               "(`dataengine serve` passes it)")
+            raise EngineNotConfigured("DATAENGINE_ENGINE_URL is not set: point it at the running vLLM engine "
+                                      "(`dataengine serve` sets it when it starts the engine, and passes it to its worker)")
         return cls(settings.engine_url, settings.model_name, settings.engine_request_timeout)
 
     def _url(self) -> str:

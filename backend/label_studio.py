@@ -3,7 +3,30 @@ from __future__ import annotations
 
 import logging
 
+from .images import LabelStudioAccess
+
 log = logging.getLogger(__name__)
+
+
+class LabelStudioNotConfigured(RuntimeError):
+    """LABEL_STUDIO_URL or LABEL_STUDIO_API_KEY is empty where a job needs to read or write Label Studio."""
+
+
+def credentials(settings, purpose: str) -> tuple[str, str]:
+    """(LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY): the one check that both are set, for whatever needs the SDK with
+    the operator's token; raises LabelStudioNotConfigured naming `purpose` ("to pre-label a project")."""
+    if not (settings.label_studio_url and settings.label_studio_api_key):
+        raise LabelStudioNotConfigured(f"LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set {purpose}")
+    return settings.label_studio_url, settings.label_studio_api_key
+
+
+def access_for(settings, hostname: str, token: str) -> LabelStudioAccess:
+    """Where to read Label Studio, with which token. A configured LABEL_STUDIO_URL wins over the /setup
+    `hostname` (often localhost as seen from Label Studio's own container) and is the only host trusted by the
+    SSRF guard; LABEL_STUDIO_API_KEY goes to that URL only, never to a host a /setup body named."""
+    if settings.label_studio_url:
+        return LabelStudioAccess(url=settings.label_studio_url, token=settings.label_studio_api_key or token, trusted=True)
+    return LabelStudioAccess(url=hostname, token=token, trusted=False)
 
 
 def client(url: str, api_key: str, timeout: float = 10.0, guarded: bool = False):

@@ -34,6 +34,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, Worker
 
+from .queue import training_metrics_key
 from .usage import usage_rows
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,6 @@ WEBHOOK_ACTIONS = frozenset({
 })
 
 # --- training jobs, recorded by the worker in Redis ---------------------------------------------------
-TRAINING_KEY = "dataengine:metrics:training:"  # + outcome -> hash {count, sum, le:<bound>...}
 TRAINING_OUTCOMES = ("promoted", "rejected", "skipped", "failed")
 TRAINING_BUCKETS = (10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0)
 
@@ -77,7 +77,7 @@ def record_training_job(redis: Redis, outcome: str, seconds: float) -> None:
     """Add one finished training job to the Redis-held histogram (called by the worker)."""
     if outcome not in TRAINING_OUTCOMES:
         raise ValueError(f"unknown training outcome {outcome!r}; expected one of {TRAINING_OUTCOMES}")
-    name = TRAINING_KEY + outcome
+    name = training_metrics_key(outcome)  # hash {count, sum, le:<bound>...}
     with redis.pipeline() as pipe:  # MULTI/EXEC: a scrape never sees half an update
         pipe.hincrby(name, "count", 1)
         pipe.hincrbyfloat(name, "sum", seconds)
@@ -139,7 +139,7 @@ class RedisCollector:
         )
         with self.redis.pipeline(transaction=False) as pipe:
             for outcome in TRAINING_OUTCOMES:
-                pipe.hgetall(TRAINING_KEY + outcome)
+                pipe.hgetall(training_metrics_key(outcome))
             stored = pipe.execute()
         for outcome, raw in zip(TRAINING_OUTCOMES, stored):
             fields = {k.decode(): float(v) for k, v in raw.items()}

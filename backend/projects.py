@@ -32,6 +32,24 @@ class ProjectSettings:
     label_studio_token: str = ""
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How many candidates to generate for a task, at which temperature."""
+
+    candidates: int
+    temperature: float
+
+    @classmethod
+    def resolve(cls, settings, stored: ProjectSettings, overrides: dict[str, Any] | None = None) -> "Sampling":
+        """A request's `extra_params`, else the project's /setup values, else DATAENGINE_CANDIDATES/_TEMPERATURE:
+        what /predict and pre-labelling both sample with."""
+        overrides = overrides or {}
+        return cls(
+            candidates=overrides.get("candidates") or stored.candidates or settings.candidates,
+            temperature=overrides.get("temperature") or stored.temperature or settings.temperature,
+        )
+
+
 def project_id_from(value: Any) -> str:
     """Label Studio sends `project` as an int at /setup and as "<id>.<timestamp>" at /predict."""
     if value in (None, ""):

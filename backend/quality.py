@@ -4,7 +4,7 @@ Label Studio's ANNOTATION_CREATED webhook carries the annotation (its `result` a
 Label Studio prediction id) and the task's own fields, but not the task's predictions, so the payload
 alone cannot say which candidate was on top. The backend therefore remembers what it served: at
 /predict, for each task with an id, the model version and a fingerprint of each ranked candidate
-(`served:<project>:<task>` in Redis, 30 days). When an annotation is created, its result is compared with
+(`served:<project>:<task>` in Redis, 30 days: backend/queue.py). When an annotation is created, its result is compared with
 them and counted in `dataengine_annotations_total{project, model_version, outcome}`:
   top        equal to the top candidate (region ids, `origin` and other UI fields ignored)
   candidate  equal to a lower-ranked candidate
@@ -26,10 +26,9 @@ from redis.exceptions import RedisError
 
 from . import metrics
 from .candidates import canonical_key
+from .queue import SERVED_TTL, served_key
 
 log = logging.getLogger(__name__)
-SERVED_KEY = "dataengine:served:"  # + "<project>:<task id>"
-SERVED_TTL = 30 * 24 * 3600
 CREATED_ACTIONS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED"}
 REDIS_BACKOFF_S = 30.0  # after a failed write, /predict skips this bookkeeping for a while (no 1 s stalls)
 _skip_until = 0.0
@@ -50,7 +49,7 @@ def remember_served(redis: Redis, project: str, tasks: list[Any], ranked: list[l
         task_id = task.get("id") if isinstance(task, dict) else None
         if isinstance(task_id, bool) or not isinstance(task_id, int) or not predictions:
             continue
-        entries[f"{SERVED_KEY}{project}:{task_id}"] = json.dumps(
+        entries[served_key(project, task_id)] = json.dumps(
             {"version": version, "candidates": [fingerprint(p.get("result")) for p in predictions]}
         )
     if not entries:
@@ -71,7 +70,7 @@ class CreatedAnnotation:
     result: Any
 
     def served_key(self, project: str) -> str:
-        return f"{SERVED_KEY}{project}:{self.task_id}"
+        return served_key(project, self.task_id)
 
 
 def created_annotations(body: dict[str, Any]) -> list[CreatedAnnotation]:

@@ -7,12 +7,12 @@ sampling uses), so `engine_seconds` is the wall time of each engine call as Engi
 requests that run concurrently this is latency, not exclusive engine time: the engine batches them, so the
 sum over tasks is more than the wall time of a run.
 
-Where the counts live: Redis (`dataengine:usage:<project>`, one hash per project, a field per (model
+Where the counts live: Redis (`usage:<project>` in backend/queue.py, one hash per project, a field per (model
 version, source, counter)), because they come from several processes: /predict in the HTTP workers,
 `dataengine prelabel` in a CLI process or an RQ work horse. (The evaluation gate's engine work is training
 cost, not labelling cost: its RankedTasks carry their usage, which is not counted here.) /metrics reads
 them at scrape time (`metrics.RedisCollector`, the same totals on every replica: `max`, not `sum`) and
-`dataengine report` prints them per version. Projects are admitted into `dataengine:usage:projects` up to
+`dataengine report` prints them per version. Projects are admitted into a set (`usage:projects`) up to
 DATAENGINE_MAX_PROJECTS; usage of projects beyond that is counted under project "other", so the series
 stay bounded.
 """
@@ -27,12 +27,10 @@ from typing import Any, Iterable
 from redis import Redis
 from redis.exceptions import RedisError
 
-from .jobs import ADMIT_PROJECT
+from .queue import ADMIT_PROJECT, usage_key, usage_projects_key
 
 log = logging.getLogger(__name__)
 
-PREFIX = "dataengine:usage:"
-PROJECTS_KEY = PREFIX + "projects"
 OVERFLOW_PROJECT = "other"
 SOURCES = ("predict", "prelabel")
 COUNTERS = ("tasks", "requests", "prompt_tokens", "completion_tokens", "engine_seconds")
@@ -122,7 +120,7 @@ class UsageStore:
         if (usage.requests == 0 and tasks == 0) or time.monotonic() < self._skip_until:
             return False
         try:
-            name = PREFIX + self._admit(project)
+            name = usage_key(self._admit(project))
             values = {"tasks": tasks, **asdict(usage)}
             with self.redis.pipeline(transaction=True) as pipe:  # a scrape never sees half an update
                 for counter, value in values.items():
@@ -141,7 +139,7 @@ class UsageStore:
     def _admit(self, project: str) -> str:
         if project in self._admitted:
             return project
-        if not self.redis.eval(ADMIT_PROJECT, 1, PROJECTS_KEY, project, self.max_projects):
+        if not self.redis.eval(ADMIT_PROJECT, 1, usage_projects_key(), project, self.max_projects):
             return OVERFLOW_PROJECT
         self._admitted.add(project)
         return project
@@ -150,11 +148,11 @@ class UsageStore:
 def usage_rows(redis: Redis, projects: Iterable[str] | None = None) -> list[UsageRow]:
     """Every stored total (of `projects`, default all); raises RedisError when Redis is down."""
     if projects is None:
-        projects = [*sorted(p.decode() for p in redis.smembers(PROJECTS_KEY)), OVERFLOW_PROJECT]
+        projects = [*sorted(p.decode() for p in redis.smembers(usage_projects_key())), OVERFLOW_PROJECT]
     names = list(projects)
     with redis.pipeline(transaction=False) as pipe:
         for project in names:
-            pipe.hgetall(PREFIX + project)
+            pipe.hgetall(usage_key(project))
         stored = pipe.execute()
     rows: list[UsageRow] = []
     for project, raw in zip(names, stored):

@@ -30,6 +30,7 @@ from redis import Redis
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from backend.queue import events_key  # noqa: E402
 from tests.conftest import run_backend  # noqa: E402
 
 PROJECT = 4242
@@ -187,7 +188,7 @@ def measure(url: str, args, redis: Redis) -> dict:
         latencies, floor, statuses = asyncio.run(run_bursts(url, args.concurrency, args.rounds, redis, args.keep_alive))
         server_side = server_side_quantiles(url)
         sent = args.concurrency * args.rounds
-        stored = redis.xlen(f"dataengine:events:{PROJECT}")
+        stored = redis.xlen(events_key(PROJECT))
         webhook, baseline = percentiles(latencies), percentiles(floor)
         report = {
             "concurrency": args.concurrency,

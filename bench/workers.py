@@ -33,8 +33,8 @@ from redis import Redis  # noqa: E402
 from rq import Worker  # noqa: E402
 from rq.job import Job  # noqa: E402
 
-from backend.jobs import FeedbackQueue  # noqa: E402
-from backend.prelabel_queue import PrelabelRequest, enqueue_prelabel  # noqa: E402
+from backend.protocol import PrelabelRequest  # noqa: E402
+from backend.queue import FeedbackQueue, enqueue_prelabel  # noqa: E402
 from bench.common import sample_texts, start_engine  # noqa: E402
 from bench.prelabel import create_project  # noqa: E402
 from tests.conftest import stop_process  # noqa: E402

@@ -7,6 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backend import metrics, quality
+from backend.queue import training_metrics_key
 from backend.app import create_app
 from backend.engine_client import EngineClient
 from tests.conftest import flushed_redis, load_config, make_settings, redis_db
@@ -138,7 +139,7 @@ def test_training_job_failures_are_recorded_by_the_worker_code(tmp_path, redis):
     settings = make_settings(tmp_path, redis_url=REDIS_URL)  # no Label Studio configured: the round fails
     with pytest.raises(RuntimeError, match="LABEL_STUDIO_URL"):
         run_training_round("7", "test", settings=settings)
-    stored = redis.hgetall(metrics.TRAINING_KEY + "failed")
+    stored = redis.hgetall(training_metrics_key("failed"))
     assert stored[b"count"] == b"1" and float(stored[b"sum"]) >= 0
     assert job_outcome([{"learning": {"skipped": "few pairs"}}]) == "skipped"
     assert job_outcome([{"learning": {"promoted": True}}, {"learning": {"skipped": "no new feedback"}}]) == "promoted"

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 from rq.job import Job, JobStatus
 
-from backend.jobs import FeedbackQueue, key, parse_queue_kinds
+from backend.queue import FeedbackQueue, key, parse_queue_kinds, schedule_reconcile
 from tests.conftest import REPO, flushed_redis, redis_db, stop_process
-from training.jobs import schedule_reconcile
 
 REDIS_URL = redis_db(4)  # this file's own database, flushed per test
 

@@ -18,17 +18,8 @@ from backend.app import create_app
 from backend.engine_client import EngineClient
 from backend.errors import EngineUnavailable, UnsupportedLabelConfig
 from backend.predictor import Predictor, TaskFailure
-from backend.ranking import (
-    CandidateFiller,
-    FilledTask,
-    Item,
-    build_filled_task,
-    compile_ranking_config,
-    is_comparison_config,
-    item_id,
-    most_different_pair,
-    ranker_result,
-)
+from backend.candidate_fill import CandidateFiller, FilledTask, Item, build_filled_task, item_id, most_different_pair, ranker_result
+from backend.ranking import compile_ranking_config, is_comparison_config
 from backend.registry import base_version
 from tests.conftest import TINY_NAME, flushed_redis, load_config, make_settings, ranking_configs, redis_db, shipped_configs
 from training.prelabel import PrelabelOptions, Prelabeler

@@ -9,7 +9,8 @@ import pytest
 
 from backend.engine_client import EngineClient
 from backend.predictor import Predictor
-from backend.ranking import CandidateFiller, FilledTask, compile_ranking_config, item_id
+from backend.candidate_fill import CandidateFiller, FilledTask, item_id
+from backend.ranking import compile_ranking_config
 from backend.registry import VersionReader, base_version
 from tests.conftest import TINY_NAME, load_config, make_settings
 from tests.test_learning_round import reviews

@@ -99,7 +99,7 @@ def prepare_embedded_model() -> int:
 
 
 def _queue():
-    from backend.jobs import FeedbackQueue
+    from backend.queue import FeedbackQueue
 
     return FeedbackQueue.from_settings(get_settings())
 
@@ -119,7 +119,8 @@ def run_prelabel_command(args) -> int:
     from .prelabel import PrelabelError, PrelabelOptions, Prelabeler
 
     if args.enqueue:
-        from backend.prelabel_queue import PrelabelRequest, enqueue_prelabel
+        from backend.protocol import PrelabelRequest
+        from backend.queue import enqueue_prelabel
 
         request = PrelabelRequest(args.project, args.force, args.limit, reason="cli")
         print(enqueue_prelabel(_queue(), request, get_settings().job_timeout))
@@ -143,7 +144,7 @@ def run_prelabel_command(args) -> int:
 def run_worker(queues: str) -> int:
     from rq import Worker
 
-    from backend.jobs import parse_queue_kinds
+    from backend.queue import parse_queue_kinds
 
     try:
         kinds = parse_queue_kinds(queues)
@@ -157,7 +158,7 @@ def run_worker(queues: str) -> int:
         print(f"error: Redis at {redact_url(get_settings().redis_url)} is unreachable (set REDIS_URL)", file=sys.stderr)
         return 2
     if get_settings().reconcile_interval:
-        from .jobs import ensure_reconcile_scheduled
+        from backend.queue import ensure_reconcile_scheduled
 
         ensure_reconcile_scheduled(queue)
     # with_scheduler: each worker also moves due scheduled jobs (retries, the next reconcile) of its queues

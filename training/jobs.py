@@ -4,14 +4,14 @@ whose webhooks were lost (a training round) and, in ranking projects, imported t
 was lost and so never got candidates (a prelabel job for those tasks).
 
 Runs inside `dataengine worker`. One round per project at a time (a Redis lock); a trigger that
-arrives while a round runs sets `rerun:<project>` and the round goes once more (coalesced, not lost).
+arrives while a round runs asks for a rerun and the round goes once more (coalesced, not lost). The Redis keys
+and job names are backend/queue.py's.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,20 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import get_current_job
 
-from backend.jobs import RECONCILE_FUNC, FeedbackQueue, key
+from backend.label_studio import client, credentials
 from backend.metrics import record_training_job
-from backend.prelabel_queue import PrelabelRequest, enqueue_prelabel
-from backend.ranking import compile_ranking_config, is_comparison_config
+from backend.protocol import PrelabelRequest
+from backend.queue import (
+    FeedbackQueue,
+    enqueue_prelabel,
+    prelabel_pending,
+    projects_key,
+    rerun_key,
+    schedule_reconcile,
+    seen_annotations_key,
+    train_lock_key,
+)
+from backend.ranking import ranking_config_of
 from backend.settings import Settings, get_settings
 
 from .export import export_project
@@ -33,7 +43,7 @@ from .snapshot import label_config_hash, write_snapshot
 
 log = logging.getLogger(__name__)
 MAX_ROUNDS_PER_JOB = 5
-RECONCILE_PREFIX = "reconcile-"  # + enqueue time in ms: a fresh job id per pass
+WORKER_NEEDS_LABEL_STUDIO = "for the worker to export annotations"
 
 
 def report_progress(stage: str, **detail: Any) -> None:
@@ -51,12 +61,12 @@ def run_training_round(project: str, reason: str = "manual", settings: Settings 
     started = time.monotonic()
     outcome = "failed"
     try:
-        with renewed_lock(redis, key("train-lock", project), ttl=settings.lock_ttl, wait=settings.job_timeout):
+        with renewed_lock(redis, train_lock_key(project), ttl=settings.lock_ttl, wait=settings.job_timeout):
             rounds = []
             for _ in range(MAX_ROUNDS_PER_JOB):
-                redis.delete(key("rerun", project))
+                redis.delete(rerun_key(project))
                 rounds.append(_one_round(project, settings, redis))
-                if not redis.get(key("rerun", project)):
+                if not redis.get(rerun_key(project)):
                     break
                 report_progress("rerun", reason="feedback arrived during the round")
         outcome = job_outcome(rounds)
@@ -82,7 +92,7 @@ def _record_metrics(redis: Redis, outcome: str, seconds: float) -> None:
 
 
 def _one_round(project: str, settings: Settings, redis: Redis) -> dict[str, Any]:
-    url, api_key = _label_studio_credentials(settings)
+    url, api_key = credentials(settings, WORKER_NEEDS_LABEL_STUDIO)
     report_progress("export", tasks=0)
     exported = export_project(url, api_key, project, progress=lambda n: report_progress("export", tasks=n))
     report_progress("derive", tasks=len(exported.tasks))
@@ -93,7 +103,7 @@ def _one_round(project: str, settings: Settings, redis: Redis) -> dict[str, Any]
         derived,
         {"source": url, "label_config_hash": label_config_hash(exported.label_config), "annotations": exported.annotation_count},
     )
-    redis.set(key("seen-annotations", project), exported.annotation_count)  # what reconcile compares with
+    redis.set(seen_annotations_key(project), exported.annotation_count)  # what reconcile compares with
     report_progress("snapshot", round=snapshot.round, pairs=derived.counts.get("pairs", len(derived.pairs)))
     learned = learn(RoundInputs(project, exported, derived, snapshot), settings, report_progress)
     return {
@@ -103,12 +113,6 @@ def _one_round(project: str, settings: Settings, redis: Redis) -> dict[str, Any]
         "counts": snapshot.counts,
         "learning": learned,
     }
-
-
-def _label_studio_credentials(settings: Settings) -> tuple[str, str]:
-    if not (settings.label_studio_url and settings.label_studio_api_key):
-        raise RuntimeError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set for the worker to export annotations")
-    return settings.label_studio_url, settings.label_studio_api_key
 
 
 def reconcile(settings: Settings | None = None) -> dict[str, Any]:
@@ -125,41 +129,16 @@ def reconcile(settings: Settings | None = None) -> dict[str, Any]:
             schedule_reconcile(queue, delay=settings.reconcile_interval)
 
 
-def schedule_reconcile(queue: FeedbackQueue, delay: int = 0) -> str:
-    """Enqueue a reconcile pass `delay` seconds from now under a fresh job id, on the prelabel queue (a pass is
-    short, and the candidate filling it starts must not wait for a training round). (Reusing one id made RQ store the
-    running pass's result, with its 500 s TTL, over the hash of the successor it had just scheduled: the
-    successor was dropped when due, after 600 s.)"""
-    job_id = f"{RECONCILE_PREFIX}{int(time.time() * 1000)}"
-    options = dict(job_id=job_id, description="reconcile: lost webhooks, unfilled ranking tasks", meta={"kind": "reconcile"})
-    if delay:
-        queue.prelabel.enqueue_in(timedelta(seconds=delay), RECONCILE_FUNC, **options)
-    else:
-        queue.prelabel.enqueue(RECONCILE_FUNC, **options)
-    return job_id
-
-
-def ensure_reconcile_scheduled(queue: FeedbackQueue) -> str | None:
-    """At worker start: enqueue a pass now unless one is already queued, scheduled or running (one chain,
-    however many workers start); returns the new job's id, or None."""
-    with queue.redis.lock(key("reconcile-schedule-lock"), timeout=10, blocking_timeout=10):
-        registries = (queue.prelabel.scheduled_job_registry, queue.prelabel.started_job_registry)
-        pending = queue.prelabel.get_job_ids() + [i for r in registries for i in r.get_job_ids()]
-        if any(job_id.startswith(RECONCILE_PREFIX) for job_id in pending):
-            return None
-        return schedule_reconcile(queue)
-
-
 def _reconcile_projects(queue: FeedbackQueue, settings: Settings) -> dict[str, Any]:
     triggered, filling = [], []
-    for raw in queue.redis.smembers(key("projects")):
+    for raw in queue.redis.smembers(projects_key()):
         project = raw.decode()
         try:
             state = _read_project(project, settings)
-            seen = int(queue.redis.get(key("seen-annotations", project)) or 0)
+            seen = int(queue.redis.get(seen_annotations_key(project)) or 0)
             if abs(state.annotations - seen) >= settings.train_every:
                 triggered.append(queue.request_training(project, reason="reconcile"))
-            if state.unfilled and not _prelabel_pending(queue, project):
+            if state.unfilled and not prelabel_pending(queue, project):
                 request = PrelabelRequest(project, task_ids=state.unfilled, reason="reconcile")
                 filling.append(enqueue_prelabel(queue, request, settings.job_timeout))
         except Exception as exc:  # one unreachable project must not stop the others
@@ -174,22 +153,12 @@ class ProjectState:
 
 
 def _read_project(project: str, settings: Settings) -> ProjectState:
-    from backend.label_studio import client
-
-    url, api_key = _label_studio_credentials(settings)
-    ls = client(url, api_key)
+    ls = client(*credentials(settings, WORKER_NEEDS_LABEL_STUDIO))
     xml = ls.projects.get(id=int(project)).label_config or ""
-    ranking = compile_ranking_config(xml, settings=settings) if is_comparison_config(xml) else None
+    ranking = ranking_config_of(xml, settings=settings)
     annotations, unfilled = 0, []
     for task in ls.tasks.list(project=int(project), fields="all"):
         annotations += len(task.annotations or [])
         if ranking is not None and not ranking.has_candidates({"data": task.data}):
             unfilled.append(int(task.id))
     return ProjectState(annotations, tuple(unfilled))
-
-
-def _prelabel_pending(queue: FeedbackQueue, project: str) -> bool:
-    """A prelabel job of the project is queued or running: it may be filling those very tasks."""
-    prefix = f"prelabel-{project}-"
-    waiting = queue.prelabel.get_job_ids() + queue.prelabel.started_job_registry.get_job_ids()
-    return any(job_id.startswith(prefix) for job_id in waiting)

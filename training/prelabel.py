@@ -28,15 +28,17 @@ from typing import Any, Callable, Iterable, Iterator
 
 from redis import Redis
 
-from backend.engine_client import EngineClient
+from backend.candidate_fill import CandidateFiller, FilledTask
+from backend.engine_client import EngineClient, EngineNotConfigured
 from backend.errors import RequestError
 from backend.images import LabelStudioAccess
-from backend.jobs import key
-from backend.label_config import CompiledConfig, compile_label_config
+from backend.label_config import CompiledConfig
+from backend.label_studio import LabelStudioNotConfigured, credentials
 from backend.label_studio import client as label_studio_client
 from backend.predictor import PredictRequest, Predictor, TaskFailure
-from backend.projects import ProjectStore
-from backend.ranking import CandidateFiller, FilledTask, RankingConfig, compile_ranking_config, is_comparison_config
+from backend.projects import ProjectStore, Sampling
+from backend.queue import prelabel_lock_key
+from backend.ranking import RankingConfig, compile_any
 from backend.registry import ServingVersion, VersionReader
 from backend.settings import Settings, get_settings
 from backend.usage import Usage, UsageStore
@@ -51,6 +53,7 @@ IMPORT_ATTEMPTS = 3  # tries of one import_predictions batch; between them, what
 IMPORT_BACKOFF_S = 2.0
 PREFETCH_TASKS = 2 * PAGE_SIZE  # tasks read ahead while the engine works
 MAX_REPORTED_ERRORS = 20
+PRELABEL_NEEDS = "to pre-label a project"  # completes "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set ..."
 WRITE_THREADS = 8  # concurrent one-task calls (`tasks.update`, `predictions.delete`) while a batch is written
 
 
@@ -110,18 +113,13 @@ class Prelabeler:
             Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0), settings.max_projects
         )
         self._own_engine = engine is None
-        if engine is None:
-            if not settings.engine_url:
-                raise PrelabelError("DATAENGINE_ENGINE_URL is not set: point it at the running vLLM engine")
-            engine = EngineClient(settings.engine_url, settings.model_name, settings.engine_request_timeout)
-        self.engine = engine
-        if ls is None:
-            if not (settings.label_studio_url and settings.label_studio_api_key):
-                raise PrelabelError("LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY must be set to pre-label a project")
-            ls = label_studio_client(settings.label_studio_url, settings.label_studio_api_key, timeout=120.0)
-        self.ls = ls
+        try:
+            self.engine = EngineClient.from_settings(settings) if engine is None else engine
+            self.ls = ls if ls is not None else label_studio_client(*credentials(settings, PRELABEL_NEEDS), timeout=120.0)
+        except (EngineNotConfigured, LabelStudioNotConfigured) as exc:
+            raise PrelabelError(str(exc)) from exc
         tuned = settings.model_copy(update={"predict_concurrency": settings.prelabel_concurrency})
-        self.predictor = Predictor(tuned, engine)
+        self.predictor = Predictor(tuned, self.engine)
         self.filler = CandidateFiller(self.predictor)
         self.access = LabelStudioAccess(url=settings.label_studio_url, token=settings.label_studio_api_key, trusted=True)
 
@@ -167,15 +165,15 @@ class Prelabeler:
         versions = VersionReader(self.settings.projects_dir, self.settings.model_name)
         version = versions.current(options.project)
         ours = frozenset({versions.base.name, version.name, *(v["name"] for v in versions.versions(options.project))})
-        stored = ProjectStore(self.settings.projects_dir).get(options.project)
-        ranking = compile_ranking_config(xml, settings=self.settings) if is_comparison_config(xml) else None
-        config = None if ranking else compile_label_config(xml, settings=self.settings)
+        sampling = Sampling.resolve(self.settings, ProjectStore(self.settings.projects_dir).get(options.project))
+        compiled = compile_any(xml, settings=self.settings)
+        ranking = compiled if isinstance(compiled, RankingConfig) else None
+        config = None if ranking else compiled
         total = len(options.task_ids) if options.task_ids else getattr(project, "task_number", None)
         summary = PrelabelSummary(options.project, "candidates" if ranking else "predictions", version.name, total=total)
         return _Plan(
             config=config, ranking=ranking, version=version, our_versions=ours, instructions=instructions, summary=summary,
-            candidates=stored.candidates or self.settings.candidates,
-            temperature=stored.temperature or self.settings.temperature,
+            candidates=sampling.candidates, temperature=sampling.temperature,
         )
 
     def _todo(self, plan: "_Plan", options: PrelabelOptions, tqdm_bar) -> Iterator[dict[str, Any]]:
@@ -491,7 +489,7 @@ def run_prelabel(
     project: str, force: bool = False, limit: int | None = None, task_ids: list[int] | None = None,
     settings: Settings | None = None,
 ) -> dict[str, Any]:
-    """The RQ job (enqueued by name from backend/prelabel_queue.py); progress in the job's meta."""
+    """The RQ job (enqueued by name from backend/queue.py); progress in the job's meta."""
     from rq import get_current_job
 
     settings = settings or get_settings()
@@ -504,7 +502,7 @@ def run_prelabel(
 
     # One run per project at a time (POST /prelabel, TASKS_CREATED and reconcile may all start one): the next
     # waits, then skips what the first stored
-    with renewed_lock(Redis.from_url(settings.redis_url), key("prelabel-lock", str(project)), settings.lock_ttl,
+    with renewed_lock(Redis.from_url(settings.redis_url), prelabel_lock_key(str(project)), settings.lock_ttl,
                       wait=settings.job_timeout):
         prelabeler = Prelabeler(settings)
         try:

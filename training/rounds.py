@@ -10,7 +10,7 @@ alone, and blends of the two; the version serves the blend that did best (`rm_we
 promoted unless it is worse than the current version beyond noise (`training.evaluate.compare`).
 
 Ranking projects (<Ranker>/<Pairwise> over generated responses): the reward model learns the rankings and
-reorders the candidates the next fills write (backend.ranking.CandidateFiller); the policy is trained with
+reorders the candidates the next fills write (backend.candidate_fill.CandidateFiller); the policy is trained with
 DPO on the ranked responses (after an SFT warm start on each task's best one), so the responses themselves
 improve. The gate compares reward models by pair accuracy on held-out rankings; the policy's own pair
 accuracy on them (DPO's implicit reward) is recorded in the version's metrics.
@@ -29,9 +29,9 @@ from typing import Any, Callable
 
 from backend.engine_client import EngineClient
 from backend.errors import RequestError
-from backend.label_config import CompiledConfig, compile_label_config
+from backend.label_config import CompiledConfig
 from backend.prompts import PolicyTurn, answer_text, build_messages, option_answer, policy_turn, reward_text
-from backend.ranking import RankingConfig, compile_ranking_config, is_comparison_config
+from backend.ranking import RankingConfig, compile_any
 from backend.registry import ServingVersion, VersionReader
 from backend.settings import Settings
 
@@ -93,9 +93,10 @@ def learn(inputs: RoundInputs, settings: Settings, progress: Progress) -> dict[s
 
 
 def project_kind(xml: str, settings: Settings) -> ProjectKind:
-    if is_comparison_config(xml):
-        return ProjectKind(None, compile_ranking_config(xml, settings=settings))
-    return ProjectKind(compile_label_config(xml, settings=settings), None)
+    config = compile_any(xml, settings=settings)
+    if isinstance(config, RankingConfig):
+        return ProjectKind(None, config)
+    return ProjectKind(config, None)
 
 
 def _reason_to_skip(inputs: RoundInputs, registry: Registry, current: str, settings: Settings) -> str | None:

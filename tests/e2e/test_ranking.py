@@ -20,7 +20,7 @@ import httpx
 import pytest
 from redis import Redis
 
-from backend.prelabel_queue import PRELABEL_FUNC
+from backend.queue import PRELABEL_FUNC
 from tests.conftest import REPO, TINY_NAME, redis_db, run_backend
 from tests.e2e.conftest import BASE_VERSION, create_connected_project, expect, stored_predictions, wait_for
 from training.snapshot import latest_snapshot, read_pairs

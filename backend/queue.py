@@ -1,15 +1,27 @@
-"""Recording feedback in Redis and scheduling training jobs on RQ — the serving side of the queue.
+"""The queue contract: every Redis key, RQ job function name, job-id prefix and TTL, and the enqueue side.
 
-Jobs are enqueued by dotted name ("training.jobs...."), so the backend never imports training code.
-Two RQ queues, so that a long training round never delays candidate filling: `<DATAENGINE_QUEUE_NAME>-training`
-(training rounds) and `<DATAENGINE_QUEUE_NAME>-prelabel` (pre-labelling, candidate filling, the reconcile pass).
-A worker listens to one or both (`dataengine worker --queues training,prelabel`).
+The serving side records feedback in Redis and schedules jobs on RQ here; the worker side (training/) reads the
+same keys through the builders below. Jobs are enqueued by dotted name ("training.jobs...."), so the backend
+never imports training code. Two RQ queues, so that a long training round never delays candidate filling:
+`<DATAENGINE_QUEUE_NAME>-training` (training rounds) and `<DATAENGINE_QUEUE_NAME>-prelabel` (pre-labelling,
+candidate filling, the reconcile pass). A worker listens to one or both (`dataengine worker --queues
+training,prelabel`).
+
 Redis layout (prefix `dataengine:`):
-  events:<project>   stream of every webhook event received (capped), the audit trail
-  changes:<project>  annotation changes since the last training trigger
-  projects           set of projects we have heard of (the reconcile job walks it)
-  train-job:<project> id of the project's latest training job (coalescing)
-  rerun:<project>    set when a trigger arrives while training runs; the job runs one more round
+  events:<project>            stream of every webhook event received (capped), the audit trail
+  changes:<project>           annotation changes since the last training trigger
+  projects                    set of projects we have heard of (the reconcile job walks it)
+  train-job:<project>         id of the project's latest training job (coalescing)
+  rerun:<project>             set when a trigger arrives while training runs; the job runs one more round
+  enqueue-lock:<project>      held while a training job is enqueued or joined
+  train-lock:<project>        held (and renewed) while a training round runs: one round per project
+  prelabel-lock:<project>     held (and renewed) while a prelabel run writes the project
+  seen-annotations:<project>  annotations the latest snapshot held (reconcile compares Label Studio with it)
+  reconcile-schedule-lock     held while a worker checks that one reconcile chain is scheduled
+  served:<project>:<task>     what /predict served for the task (quality signal, 30 days)
+  metrics:training:<outcome>  training-job duration histogram (hash) for /metrics
+  usage:<project>, usage:projects  engine usage per project and version; admitted projects (backend/usage.py)
+RQ's own keys (`rq:...`) hold the jobs.
 """
 from __future__ import annotations
 
@@ -17,6 +29,7 @@ import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Sequence
 
 from redis import Redis
@@ -27,11 +40,20 @@ from rq.job import Job, JobStatus, validate_job_id
 
 from .errors import BadRequest, RequestError
 from .feedback import FeedbackEvent
+from .protocol import PrelabelRequest
 
 PREFIX = "dataengine:"
+# RQ job functions, enqueued by dotted name (the backend never imports training/)
 TRAIN_FUNC = "training.jobs.run_training_round"
 RECONCILE_FUNC = "training.jobs.reconcile"
+PRELABEL_FUNC = "training.prelabel.run_prelabel"
+# Job ids: <prefix><project>-<enqueue time in ms> (reconcile: <prefix><ms>), a fresh id per job
+TRAIN_JOB_PREFIX, PRELABEL_JOB_PREFIX, RECONCILE_JOB_PREFIX = "train-", "prelabel-", "reconcile-"
+JOB_RESULT_TTL = 7 * 24 * 3600  # finished and failed jobs stay visible in GET /jobs this long
+SERVED_TTL = 30 * 24 * 3600
 EVENTS_MAXLEN = 100_000
+ENQUEUE_LOCK_TIMEOUT, ENQUEUE_LOCK_WAIT = 10, 5
+RECONCILE_SCHEDULE_LOCK_TIMEOUT = 10
 ACTIVE = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.STARTED}
 TRAINING, PRELABEL = "training", "prelabel"
 QUEUE_KINDS = (TRAINING, PRELABEL)
@@ -52,6 +74,96 @@ return 0
 """
 
 
+# --- keys -----------------------------------------------------------------------------------------------
+
+
+def key(*parts: str) -> str:
+    return PREFIX + ":".join(parts)
+
+
+def events_key(project: str) -> str:
+    return key("events", project)
+
+
+def changes_key(project: str) -> str:
+    return key("changes", project)
+
+
+def projects_key() -> str:
+    return key("projects")
+
+
+def train_job_key(project: str) -> str:
+    return key("train-job", project)
+
+
+def rerun_key(project: str) -> str:
+    return key("rerun", project)
+
+
+def enqueue_lock_key(project: str) -> str:
+    return key("enqueue-lock", project)
+
+
+def train_lock_key(project: str) -> str:
+    return key("train-lock", project)
+
+
+def prelabel_lock_key(project: str) -> str:
+    return key("prelabel-lock", project)
+
+
+def seen_annotations_key(project: str) -> str:
+    return key("seen-annotations", project)
+
+
+def reconcile_schedule_lock_key() -> str:
+    return key("reconcile-schedule-lock")
+
+
+def served_key(project: str, task_id: int) -> str:
+    return key("served", project, str(task_id))
+
+
+def training_metrics_key(outcome: str) -> str:
+    return key("metrics", "training", outcome)
+
+
+def usage_key(project: str) -> str:
+    return key("usage", project)
+
+
+def usage_projects_key() -> str:
+    return key("usage", "projects")
+
+
+# --- job ids --------------------------------------------------------------------------------------------
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def train_job_id(project: str) -> str:
+    return f"{TRAIN_JOB_PREFIX}{project}-{_now_ms()}"
+
+
+def prelabel_job_id(project: str) -> str:
+    return f"{PRELABEL_JOB_PREFIX}{project}-{_now_ms()}"
+
+
+def is_prelabel_job_of(job_id: str, project: str) -> bool:
+    return job_id.startswith(f"{PRELABEL_JOB_PREFIX}{project}-")
+
+
+def reconcile_job_id() -> str:
+    return f"{RECONCILE_JOB_PREFIX}{_now_ms()}"
+
+
+def is_reconcile_job(job_id: str) -> bool:
+    return job_id.startswith(RECONCILE_JOB_PREFIX)
+
+
 class QueueUnavailable(RequestError):
     status = 503
 
@@ -70,10 +182,6 @@ class Recorded:
     event_id: str
     training_job: str | None  # id of the job this event started or joined, if any
     read_values: list = field(default_factory=list)  # values of the keys `record` was asked to read
-
-
-def key(*parts: str) -> str:
-    return PREFIX + ":".join(parts)
 
 
 def queue_names(prefix: str) -> dict[str, str]:
@@ -147,7 +255,7 @@ class FeedbackQueue:
         """A 403 for a project beyond DATAENGINE_MAX_PROJECTS (each known project holds an event stream)."""
         if project in self._admitted:
             return
-        if not self.redis.eval(ADMIT_PROJECT, 1, key("projects"), project, self.max_projects):
+        if not self.redis.eval(ADMIT_PROJECT, 1, projects_key(), project, self.max_projects):
             raise RequestError(
                 f"project {project} is new and {self.max_projects} projects are known already; the limit is "
                 f"{self.max_projects} (DATAENGINE_MAX_PROJECTS)", 403,
@@ -160,12 +268,12 @@ class FeedbackQueue:
         EVAL, not EVALSHA: a pipeline holding a registered script first asks Redis whether it knows it."""
         record = {k: json.dumps(v) for k, v in event.to_record().items()}
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(key("events", event.project), record, maxlen=EVENTS_MAXLEN, approximate=True)
-            pipe.sadd(key("projects"), event.project)
+            pipe.xadd(events_key(event.project), record, maxlen=EVENTS_MAXLEN, approximate=True)
+            pipe.sadd(projects_key(), event.project)
             if read_keys:
                 pipe.mget(read_keys)
             if event.changes:
-                pipe.eval(_COUNT_AND_TRIGGER, 1, key("changes", event.project), event.changes, self.train_every)
+                pipe.eval(_COUNT_AND_TRIGGER, 1, changes_key(event.project), event.changes, self.train_every)
             event_id, _, *rest = pipe.execute()
         values = rest.pop(0) if read_keys else []
         event_id = event_id.decode() if isinstance(event_id, bytes) else str(event_id)
@@ -173,7 +281,7 @@ class FeedbackQueue:
 
     def recent_events(self, project: str, limit: int = 100) -> list[dict[str, Any]]:
         with redis_needed("events not read"):
-            entries = self.redis.xrevrange(key("events", project), count=limit)
+            entries = self.redis.xrevrange(events_key(project), count=limit)
         events = []
         for event_id, fields in reversed(entries):
             record = {k.decode(): _decode_field(v) for k, v in fields.items()}
@@ -182,17 +290,17 @@ class FeedbackQueue:
         return events
 
     def event_count(self, project: str) -> int:
-        return int(self.redis.xlen(key("events", project)))
+        return int(self.redis.xlen(events_key(project)))
 
     # --- training jobs -------------------------------------------------------------------------------
     def request_training(self, project: str, reason: str) -> str:
         """Enqueue a training round, or join the one already queued/running (coalesced, never lost)."""
-        with self.redis.lock(key("enqueue-lock", project), timeout=10, blocking_timeout=5):
+        with self.redis.lock(enqueue_lock_key(project), timeout=ENQUEUE_LOCK_TIMEOUT, blocking_timeout=ENQUEUE_LOCK_WAIT):
             current = self._latest_job(project)
             if current is not None:
                 status = current.get_status(refresh=True)
                 if status == JobStatus.STARTED:
-                    self.redis.set(key("rerun", project), reason)  # the running job does one more round
+                    self.redis.set(rerun_key(project), reason)  # the running job does one more round
                     return current.id
                 if status in ACTIVE:
                     return current.id  # queued: it will read everything when it starts
@@ -200,19 +308,19 @@ class FeedbackQueue:
                 TRAIN_FUNC,
                 project,
                 reason,
-                job_id=f"train-{project}-{int(time.time() * 1000)}",
+                job_id=train_job_id(project),
                 job_timeout=self.job_timeout,
-                result_ttl=7 * 24 * 3600,
-                failure_ttl=7 * 24 * 3600,
+                result_ttl=JOB_RESULT_TTL,
+                failure_ttl=JOB_RESULT_TTL,
                 retry=Retry(max=len(self.retry_intervals), interval=self.retry_intervals) if self.retry_intervals else None,
                 meta={"project": project, "reason": reason, "kind": "train"},
                 description=f"training round for project {project} ({reason})",
             )
-            self.redis.set(key("train-job", project), job.id)
+            self.redis.set(train_job_key(project), job.id)
             return job.id
 
     def _latest_job(self, project: str) -> Job | None:
-        job_id = self.redis.get(key("train-job", project))
+        job_id = self.redis.get(train_job_key(project))
         if not job_id:
             return None
         try:
@@ -253,6 +361,64 @@ class FeedbackQueue:
                 return describe_job(Job.fetch(job_id, connection=self.redis))
         except NoSuchJobError:
             return None
+
+
+# --- prelabel and reconcile jobs ---------------------------------------------------------------------------
+
+
+def enqueue_prelabel(queue: FeedbackQueue, request: PrelabelRequest, job_timeout: int) -> str:
+    """Enqueue a pre-labelling run (`POST /prelabel`, TASKS_CREATED in ranking projects, reconcile, the CLI) on the
+    prelabel queue; returns the RQ job id. Raises QueueUnavailable (503) when Redis is down."""
+    try:
+        job = queue.prelabel.enqueue(
+            PRELABEL_FUNC,
+            request.project,
+            request.force,
+            request.limit,
+            list(request.task_ids),
+            job_id=prelabel_job_id(request.project),
+            job_timeout=job_timeout,
+            result_ttl=JOB_RESULT_TTL,
+            failure_ttl=JOB_RESULT_TTL,
+            meta={"project": request.project, "reason": request.reason, "kind": "prelabel"},
+            description=request.describe(),
+        )
+    except RedisError as exc:
+        raise QueueUnavailable(f"Redis is unreachable ({exc.__class__.__name__}): pre-labelling not queued, retry later") from exc
+    return job.id
+
+
+def prelabel_pending(queue: FeedbackQueue, project: str) -> bool:
+    """A prelabel job of the project is queued or running: it may be filling those very tasks."""
+    waiting = queue.prelabel.get_job_ids() + queue.prelabel.started_job_registry.get_job_ids()
+    return any(is_prelabel_job_of(job_id, project) for job_id in waiting)
+
+
+def schedule_reconcile(queue: FeedbackQueue, delay: int = 0) -> str:
+    """Enqueue a reconcile pass `delay` seconds from now under a fresh job id, on the prelabel queue (a pass is
+    short, and the candidate filling it starts must not wait for a training round). (Reusing one id made RQ store the
+    running pass's result, with its 500 s TTL, over the hash of the successor it had just scheduled: the
+    successor was dropped when due, after 600 s.)"""
+    job_id = reconcile_job_id()
+    options = dict(job_id=job_id, description="reconcile: lost webhooks, unfilled ranking tasks", meta={"kind": "reconcile"})
+    if delay:
+        queue.prelabel.enqueue_in(timedelta(seconds=delay), RECONCILE_FUNC, **options)
+    else:
+        queue.prelabel.enqueue(RECONCILE_FUNC, **options)
+    return job_id
+
+
+def ensure_reconcile_scheduled(queue: FeedbackQueue) -> str | None:
+    """At worker start: enqueue a pass now unless one is already queued, scheduled or running (one chain,
+    however many workers start); returns the new job's id, or None."""
+    lock = queue.redis.lock(reconcile_schedule_lock_key(), timeout=RECONCILE_SCHEDULE_LOCK_TIMEOUT,
+                            blocking_timeout=RECONCILE_SCHEDULE_LOCK_TIMEOUT)
+    with lock:
+        registries = (queue.prelabel.scheduled_job_registry, queue.prelabel.started_job_registry)
+        pending = queue.prelabel.get_job_ids() + [i for r in registries for i in r.get_job_ids()]
+        if any(is_reconcile_job(job_id) for job_id in pending):
+            return None
+        return schedule_reconcile(queue)
 
 
 def _decode_field(raw: bytes) -> Any:
