@@ -80,7 +80,9 @@ def backend_env(label_studio: LabelStudioServer, **overrides: str) -> dict[str, 
 def backend(engine_url, label_studio_launched, tmp_path_factory) -> Backend:
     """`dataengine serve` attached to the session's engine, configured as the README says."""
     log_path = tmp_path_factory.mktemp("e2e-backend-log") / "serve.log"
-    env = backend_env(label_studio_launched)
+    # One HTTP worker: the untrained model's closed-set calibration is estimated per process
+    # (backend/calibration.py), and the interactive test compares a score with the batch-retrieved one.
+    env = backend_env(label_studio_launched, DATAENGINE_WORKERS="1")
     with run_backend(engine_url, tmp_path_factory.mktemp("e2e-model-dir"), log_path, env) as (url, _proc):
         yield Backend(url, log_path)
 
