@@ -127,6 +127,10 @@ class LabelStudioServer:
             LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN="true",  # new orgs accept `Token <token>`
             LABEL_STUDIO_HOST=self.url,  # the `hostname` Label Studio sends to ML backends
             ML_BLOCK_LOCAL_IP="false",  # allow an ML backend on loopback
+            # Label Studio gives an ML backend 3 s for /setup and 1 s for /health when it connects; on a 2-core
+            # host busy with training those time out and the connection is refused. Real deployments raise them too.
+            ML_TIMEOUT_SETUP="30",
+            ML_TIMEOUT_HEALTH="10",
             SSRF_PROTECTION_ENABLED="false",
             LATEST_VERSION_CHECK="false",  # else it asks PyPI for its version on import
             COLLECT_ANALYTICS="false",
