@@ -130,6 +130,7 @@ class EngineProcess:
             "--port", str(s.engine_port),
             "--dtype", s.engine_dtype,
             "--max-model-len", str(s.engine_max_model_len),
+            "--block-size", str(s.engine_block_size),
             "--enable-lora", "--max-lora-rank", str(s.max_lora_rank),
             # Without this a JSON constraint lets a weak model wander in whitespace until max_tokens.
             "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     engine_port: int = 8000
     engine_dtype: str = "bfloat16"
     engine_max_model_len: int = 4096
+    # KV-cache block size. vLLM on CPU defaults to 128, and only whole blocks are prefix-cached: a closed set's
+    # follow-up request (the shared prefix of Negative/Neutral) then re-reads its whole ~120-token prompt
+    engine_block_size: int = Field(32, ge=16)
     engine_extra_args: str = ""  # appended verbatim to the vLLM command line
     engine_start_timeout: float = 600.0
     engine_request_timeout: float = 90.0  # Label Studio gives up on /predict after 100 s
@@ -100,7 +103,8 @@ class Settings(BaseSettings):
 
     # training rounds
     rm_base: str = ""  # reward-model base: a local path or hub id; empty = the bundled MiniLM encoder on CPU
-    rm_ensemble: int = Field(3, ge=1, le=8)  # reward models trained per round and averaged (training.reward_model)
+    # reward models trained per round and averaged (training.reward_model); unset: training/rounds.py rm_ensemble_size
+    rm_ensemble: int | None = Field(None, ge=1, le=8)
     policy_algo: str = Field("auto", pattern=f"^(auto|{'|'.join(POLICY_ALGOS)}|none)$")  # training/rounds.py policy_plan
     min_pairs: int = Field(8, ge=1)  # fewer preference pairs than this: no training this round
     promote_margin: float = Field(0.0, ge=0.0, le=1.0)  # candidate may be this much worse and still promote
