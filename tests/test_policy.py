@@ -81,6 +81,21 @@ def test_algo_names():
         resolve_algo("ppo")
 
 
+def test_reward_ensemble_is_one_model_on_cpu_while_the_policy_trains(tmp_path, monkeypatch):
+    import torch
+
+    from tests.conftest import make_settings
+    from training.rounds import rm_ensemble_size
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    unset = make_settings(tmp_path)
+    assert rm_ensemble_size(unset, "sft") == 1 and rm_ensemble_size(unset, "dpo") == 1
+    assert rm_ensemble_size(unset, "none") == 3  # the reward model is the only learner
+    assert rm_ensemble_size(make_settings(tmp_path, rm_ensemble=2), "sft") == 2  # DATAENGINE_RM_ENSEMBLE wins
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert rm_ensemble_size(unset, "sft") == 3
+
+
 def test_sft_length_follows_the_data():
     settings = PolicySettings()  # 3 epochs of small sets, >= 480 examples seen, <= 960
     assert settings.sft_steps_for(100) == 300 // 8 + 1

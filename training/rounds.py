@@ -132,6 +132,18 @@ def policy_plan(settings: Settings, kind: ProjectKind) -> tuple[str, str]:
     return preference, f"auto: CPU, {params / 1e6:.0f}M parameters"
 
 
+def rm_ensemble_size(settings: Settings, algo: str) -> int:
+    """Reward models to train this round: DATAENGINE_RM_ENSEMBLE, else 3 where the reward model is the only
+    learner or a GPU makes the extra runs cheap, and 1 on CPU while the policy trains. There, on the sentiment
+    learning curve, the gate served the policy alone (blend weight 0) and two more MiniLM runs cost more of the
+    round than the policy's SFT."""
+    import torch
+
+    if settings.rm_ensemble is not None:
+        return settings.rm_ensemble
+    return 1 if algo != "none" and not torch.cuda.is_available() else 3
+
+
 def model_parameters(model_path: str) -> int | None:
     """Parameter count of a local checkpoint, read off its safetensors headers (no weights loaded)."""
     files = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
@@ -175,19 +187,20 @@ def train_models(inputs: RoundInputs, kind: ProjectKind, staged: Path, settings:
     from .distributed import wait_for_everyone
     from .reward_model import RewardSettings, train_reward_model
 
+    algo, why = policy_plan(settings, kind)
+    ensemble = rm_ensemble_size(settings, algo)
     train_pairs = [p for p in inputs.derived.pairs if not is_heldout(p.task_id)]
-    progress("reward_model", pairs=len(train_pairs))
+    progress("reward_model", pairs=len(train_pairs), ensemble=ensemble)
     rm = train_reward_model(
         # all pairs: its own split holds out the same tasks as the gate (same task hash) and reports on them
         inputs.derived.pairs,
         staged / "reward_model",
         base=settings.rm_base,
-        settings=RewardSettings(ensemble=settings.rm_ensemble),
+        settings=RewardSettings(ensemble=ensemble),
         progress=lambda event: progress("reward_model", **_loggable(event)),
     )
     metrics: dict[str, Any] = {"reward_model": rm.metrics}
     wait_for_everyone()  # the reward model is on disk before any process reads it (GRPO/RLOO rewards)
-    algo, why = policy_plan(settings, kind)
     if algo == "none":
         metrics["policy"] = {"skipped": why}
     else:
