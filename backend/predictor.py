@@ -202,7 +202,8 @@ class Predictor:
         return _Scored(item, option_results=[control.to_results(o, text) for o in options], option_logprobs=logprobs)
 
     def _rank_options(self, request: PredictRequest, scored: list[_Scored]) -> None:
-        """Closed sets, once the whole batch is scored: calibrated (base model only) and ranked."""
+        """Closed sets, once the whole batch is scored: calibrated (base model), or at the version's option temperature
+        (a trained adapter), and ranked."""
         if not scored:
             return
         logprobs = [s.option_logprobs for s in scored]
@@ -210,6 +211,8 @@ class Predictor:
             control = request.config.enumerable_control(self.settings.enumerate_max)
             key = (request.project, request.version.name, control.name, tuple(map(str, control.options() or [])))
             logprobs = self.calibration.calibrate(key, [(_content_key(s.item.texts), row) for s, row in zip(scored, logprobs)])
+        if request.version.option_temperature:
+            logprobs = [[lp / request.version.option_temperature for lp in row] for row in logprobs]
         for item, row in zip(scored, logprobs):
             item.candidates = rank_options(item.option_results, row)
 

@@ -29,6 +29,9 @@ class ServingVersion:
     adapter_path: str | None = None
     reward_model_path: str | None = None
     rm_weight: float | None = None  # the reward model's share in the served score; None: DATAENGINE_RM_WEIGHT
+    # closed label sets: option log-probabilities are divided by this before the softmax (fitted by the gate on
+    # held-out tasks: a fine-tuned adapter is overconfident); None: 1
+    option_temperature: float | None = None
 
 
 def base_version(model_name: str) -> ServingVersion:
@@ -63,6 +66,7 @@ class VersionReader:
                 adapter_path=data.get("adapter_path"),
                 reward_model_path=data.get("reward_model_path"),
                 rm_weight=data.get("rm_weight"),
+                option_temperature=data.get("option_temperature"),
             )
         except FileNotFoundError:
             return self.base
@@ -92,7 +96,8 @@ class VersionReader:
             if record is not None:
                 adapter_path = record.get("adapter_path")
                 return ServingVersion(record["name"], record.get("adapter_name") if adapter_path else None, adapter_path,
-                                      record.get("reward_model_path"), record.get("rm_weight"))
+                                      record.get("reward_model_path"), record.get("rm_weight"),
+                                      record.get("option_temperature"))
         return self.base
 
     def versions(self, project: str) -> list[dict[str, Any]]:

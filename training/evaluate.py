@@ -24,10 +24,10 @@ from __future__ import annotations
 import bisect
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from backend.candidates import Candidate, canonical_key
+from backend.candidates import Candidate, canonical_key, rank_options
 from backend.engine_client import EngineClient
 from backend.label_config import CompiledConfig
 from backend.predictor import PredictRequest, Predictor, RankedTask, TaskFailure
@@ -39,6 +39,9 @@ from .reward_model import default_render, heldout_unit, pairwise_accuracy
 
 HELDOUT_FRACTION = 0.2
 RM_WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)  # 0: the policy alone, 1: the reward model alone
+TEMPERATURE_GRID = tuple(round(math.exp(math.log(0.5) + i * math.log(100) / 59), 4) for i in range(60))  # 0.5 .. 50
+TEMPERATURE_MIN_TASKS = 20
+BLEND_MIN_GAIN_TASKS = 2.0
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
 
@@ -146,11 +149,58 @@ def score_ranking(ranking: HeldoutRanking, weight: float | None = None) -> Evalu
 
 def choose_rm_weight(ranking: HeldoutRanking, grid: tuple[float, ...] = RM_WEIGHT_GRID) -> tuple[float, dict[str, float]]:
     """The reward model's share that serves the held-out tasks best, and the score at every share tried.
-    The grid includes 0 (policy alone) and 1 (reward model alone), so the chosen blend is never worse than
-    either on these tasks. Ties go to the smaller share (less reliance on the reward model)."""
+    The grid includes 0 (policy alone) and 1 (reward model alone). A share above 0 must beat the policy alone
+    by at least `BLEND_MIN_GAIN_TASKS` tasks' worth of the metric: one task is within the engine's own run-to-run
+    noise (bf16 batches on CPU flip single tasks), and a blend picked for a one-task win served a task worse
+    than the policy alone when the same tasks were ranked again. So the chosen blend is never worse than either
+    end on these tasks by more than that. Ties go to the smaller share (less reliance on the reward model)."""
     scores = {weight: score_ranking(ranking, weight).score for weight in grid}
-    best = max(grid, key=lambda w: (scores[w], -w))
+    policy = scores.get(0.0)
+    tasks = max(1, len(ranking.tasks))
+    eligible = [w for w in grid if policy is None or w == 0.0 or (scores[w] - policy) * tasks >= BLEND_MIN_GAIN_TASKS - 1e-9]
+    best = max(eligible, key=lambda w: (scores[w], -w))
     return best, {f"{weight:g}": score for weight, score in scores.items()}
+
+
+def fit_option_temperature(ranking: HeldoutRanking, min_tasks: int = TEMPERATURE_MIN_TASKS) -> float | None:
+    """Temperature scaling (Guo et al., 2017) of a closed label set's option log-probabilities: the temperature on
+    `TEMPERATURE_GRID` that minimises the negative log-likelihood of the human's option on the held-out tasks. It
+    keeps every task's order (top-1 is unchanged) and spreads a fine-tuned adapter's scores, which otherwise
+    pile up at 1.0 and say nothing about which top candidates are wrong. None without enough evidence: fewer
+    than `min_tasks` tasks whose human answer is one of the options, or no wrong or no right top-1 among them."""
+    rows = []
+    for task, ranked in zip(ranking.tasks, ranking.ranked):
+        logprobs = [c.mean_logprob for c in ranked.candidates]
+        keys = [c.key for c in ranked.candidates]
+        human = canonical_key(task.human_result)
+        if len(keys) > 1 and human in keys and all(lp is not None for lp in logprobs):
+            rows.append((logprobs, keys.index(human)))
+    wrong = sum(1 for logprobs, gold in rows if max(logprobs) > logprobs[gold])
+    if len(rows) < min_tasks or wrong == 0 or wrong == len(rows):
+        return None
+    return min(TEMPERATURE_GRID, key=lambda t: (sum(_nll(logprobs, gold, t) for logprobs, gold in rows), abs(math.log(t))))
+
+
+def _nll(logprobs: list[float], gold: int, temperature: float) -> float:
+    scaled = [lp / temperature for lp in logprobs]
+    peak = max(scaled)
+    return peak + math.log(sum(math.exp(v - peak) for v in scaled)) - scaled[gold]
+
+
+def with_option_temperature(ranking: HeldoutRanking, temperature: float | None) -> HeldoutRanking:
+    """The ranking as served with this option temperature (what the predictor does for such a version)."""
+    if not temperature:
+        return ranking
+    ranked = [replace(r, candidates=_tempered(r.candidates, temperature)) for r in ranking.ranked]
+    return replace(ranking, ranked=ranked)
+
+
+def _tempered(candidates: list[Candidate], temperature: float) -> list[Candidate]:
+    if len(candidates) < 2 or any(c.mean_logprob is None for c in candidates):
+        return candidates
+    tempered = rank_options([c.result for c in candidates], [c.mean_logprob / temperature for c in candidates])
+    by_key = {c.key: c for c in candidates}
+    return [replace(t, mean_logprob=by_key[t.key].mean_logprob) for t in tempered]
 
 
 def evaluate(

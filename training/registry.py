@@ -42,6 +42,7 @@ class VersionRecord:
     reward_model_path: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     rm_weight: float | None = None  # the reward model's share in the served score, chosen by the gate
+    option_temperature: float | None = None  # closed label sets: the gate's fit (backend.registry.ServingVersion)
 
     def serving(self) -> ServingVersion:
         return ServingVersion(
@@ -50,6 +51,7 @@ class VersionRecord:
             adapter_path=self.adapter_path,
             reward_model_path=self.reward_model_path,
             rm_weight=self.rm_weight,
+            option_temperature=self.option_temperature,
         )
 
 
@@ -184,6 +186,7 @@ class Registry:
                 "adapter_path": serving.adapter_path,
                 "reward_model_path": serving.reward_model_path,
                 "rm_weight": serving.rm_weight,
+                "option_temperature": serving.option_temperature,
                 "promoted_at": time.time(),
             },
         )

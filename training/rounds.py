@@ -6,7 +6,8 @@ policy (a LoRA adapter on the served model) is fine-tuned on the answers they ac
 the prompt format /predict uses (`backend.prompts.policy_turn`), then optionally a preference stage (DPO on
 the pairs, or GRPO/RLOO with the reward model and the config's validity as rewards). The gate scores on the
 held-out tasks: the current version as served, the policy after each stage on its own, the reward model
-alone, and blends of the two; the version serves the blend that did best (`rm_weight` in its record), and is
+alone, and blends of the two; the version serves the blend that did best (`rm_weight` in its record) and, for a
+closed label set, option scores at the temperature that fits the held-out answers (`option_temperature`), and is
 promoted unless it is worse than the current version beyond noise (`training.evaluate.compare`).
 
 Ranking projects (<Ranker>/<Pairwise> over generated responses): the reward model learns the rankings and
@@ -36,7 +37,8 @@ from backend.registry import ServingVersion, VersionReader
 from backend.settings import Settings
 
 from .evaluate import (
-    EvalTask, HeldoutRanking, choose_rm_weight, compare, evaluate_pairs, is_heldout, rank_heldout, score_ranking,
+    EvalTask, HeldoutRanking, choose_rm_weight, compare, evaluate_pairs, fit_option_temperature, is_heldout, rank_heldout,
+    score_ranking, with_option_temperature,
 )
 from .export import ProjectExport
 from .preferences import DerivedData, PreferencePair, SftExample
@@ -339,7 +341,7 @@ def _gate(inputs: RoundInputs, kind: ProjectKind, registry: Registry, record: Ve
         candidate_eval, current_eval, heldout_report = _score_versions(inputs, kind.answers, record, current, settings)
     decision = compare(candidate_eval, current_eval, settings.promote_margin, settings.eval_min_tasks)
     evaluation = {"candidate": candidate_eval.as_dict(), "current": current_eval.as_dict(), "test": decision.test}
-    record = replace(record, rm_weight=candidate_eval.rm_weight,
+    record = replace(record, rm_weight=candidate_eval.rm_weight, option_temperature=heldout_report.get("option_temperature"),
                      metrics={**record.metrics, "heldout": heldout_report, "decision_test": decision.test})
     registry.update(record)
     _drop_stage_adapters(record, settings)
@@ -363,6 +365,9 @@ def _score_versions(inputs: RoundInputs, config: CompiledConfig, record: Version
         current_eval = score_ranking(rank_heldout(settings, config, current, heldout, instructions, engine))
         candidate = rank_heldout(settings, config, record.serving(), heldout, instructions, engine)
         report: dict[str, Any] = {"tasks": candidate_tasks(candidate), "current": _brief(current_eval)}
+        if record.adapter_path and config.enumerable_control(settings.enumerate_max) is not None:
+            report["option_temperature"] = fit_option_temperature(candidate)
+            candidate = with_option_temperature(candidate, report["option_temperature"])
         sft_stage = Path(record.adapter_path or "").parent / STAGE_DIR / "sft"
         if record.adapter_path and sft_stage.is_dir():
             stage = ServingVersion(f"{record.name}-sft", adapter_name_for(f"{record.name}-sft", sft_stage), str(sft_stage))
