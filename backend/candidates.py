@@ -69,10 +69,11 @@ def rank_samples(samples: list[Sample], parse: Callable[[str], list[dict[str, An
     return SampleOutcome(candidates=sort_candidates(list(merged.values())), invalid=invalid)
 
 
-def rank_options(results: list[list[dict[str, Any]]], logprobs: list[float]) -> list[Candidate]:
-    """Exhaustively scored closed set: score = softmax of the total log-probabilities (sums to 1)."""
+def rank_options(results: list[list[dict[str, Any]]], logprobs: list[float], temperature: float = 1.0) -> list[Candidate]:
+    """Exhaustively scored closed set: score = softmax of the total log-probabilities over `temperature` (sums
+    to 1); each candidate keeps its own log-probability."""
     peak = max(logprobs)
-    weights = [math.exp(lp - peak) for lp in logprobs]
+    weights = [math.exp((lp - peak) / temperature) for lp in logprobs]
     total = sum(weights)
     candidates = [
         Candidate(result=result, score=_clip(w / total), votes=0, mean_logprob=lp)

@@ -211,10 +211,9 @@ class Predictor:
             control = request.config.enumerable_control(self.settings.enumerate_max)
             key = (request.project, request.version.name, control.name, tuple(map(str, control.options() or [])))
             logprobs = self.calibration.calibrate(key, [(_content_key(s.item.texts), row) for s, row in zip(scored, logprobs)])
-        if request.version.option_temperature:
-            logprobs = [[lp / request.version.option_temperature for lp in row] for row in logprobs]
+        temperature = request.version.option_temperature or 1.0
         for item, row in zip(scored, logprobs):
-            item.candidates = rank_options(item.option_results, row)
+            item.candidates = rank_options(item.option_results, row, temperature)
 
     def _rewards(self, request: PredictRequest, scored: list[_Scored]) -> list[list[float] | None]:
         """The reward model's score of every candidate of every task (one batched pass); None for a task

@@ -114,7 +114,6 @@ def test_the_chosen_blend_is_never_worse_than_policy_alone_or_reward_model_alone
     assert grid["0"] == score_ranking(ranking, 0.0).top1 and grid["1"] == score_ranking(ranking, 1.0).top1
 
 
-
 def ranking_where_the_reward_model_fixes(fixed: int, tasks: int = 100) -> HeldoutRanking:
     """The policy is right on every task but the first `fixed`, barely; the reward model agrees with it where
     it is right and reverses it there, so any share of it is right everywhere."""
@@ -134,6 +133,7 @@ def test_a_blend_must_beat_the_policy_alone_by_more_than_one_task():
     weight, grid = choose_rm_weight(ranking_where_the_reward_model_fixes(2))
     assert grid["0.25"] == grid["0"] + 0.02 and weight == 0.25  # two tasks: the smallest share that gets them
 
+
 def closed_set_ranking(margins: list[float], right: list[bool]) -> HeldoutRanking:
     """A binary closed set scored like the predictor does (`rank_options`), one task per margin: the top option's
     log-probability lead, and whether that top option is the human's."""
@@ -148,9 +148,9 @@ def closed_set_ranking(margins: list[float], right: list[bool]) -> HeldoutRankin
 
 
 def test_an_overconfident_adapter_gets_a_temperature_that_spreads_its_scores_and_keeps_its_ranking():
-    """A fine-tuned adapter puts margins of 40-80 nats on its top option, right or wrong: every score is 1.0 and
-    the confidence cannot tell a wrong top-1 from a right one. The fitted temperature keeps every top-1 and lets
-    the margins (smaller on the wrong ones here) show through."""
+    """Synthetic, extreme overconfidence: margins of 38-80 nats on the top option, right or wrong, so every score is
+    1.0 and the confidence cannot tell a wrong top-1 from a right one. The fitted temperature keeps every top-1
+    and lets the margins (smaller on the wrong ones here) show through."""
     rng = random.Random(0)
     right = [rng.random() < 0.9 for _ in range(200)]
     margins = [rng.uniform(45, 80) if hit else rng.uniform(38, 60) for hit in right]

@@ -165,8 +165,8 @@ def choose_rm_weight(ranking: HeldoutRanking, grid: tuple[float, ...] = RM_WEIGH
 def fit_option_temperature(ranking: HeldoutRanking, min_tasks: int = TEMPERATURE_MIN_TASKS) -> float | None:
     """Temperature scaling (Guo et al., 2017) of a closed label set's option log-probabilities: the temperature on
     `TEMPERATURE_GRID` that minimises the negative log-likelihood of the human's option on the held-out tasks. It
-    keeps every task's order (top-1 is unchanged) and spreads a fine-tuned adapter's scores, which otherwise
-    pile up at 1.0 and say nothing about which top candidates are wrong. None without enough evidence: fewer
+    keeps every task's order (top-1 is unchanged) and makes an overconfident adapter's scores mean what they say
+    (the sentiment curve fitted 1.6 after 100 choices, 1.3 after 400). None without enough evidence: fewer
     than `min_tasks` tasks whose human answer is one of the options, or no wrong or no right top-1 among them."""
     rows = []
     for task, ranked in zip(ranking.tasks, ranking.ranked):
@@ -198,9 +198,7 @@ def with_option_temperature(ranking: HeldoutRanking, temperature: float | None) 
 def _tempered(candidates: list[Candidate], temperature: float) -> list[Candidate]:
     if len(candidates) < 2 or any(c.mean_logprob is None for c in candidates):
         return candidates
-    tempered = rank_options([c.result for c in candidates], [c.mean_logprob / temperature for c in candidates])
-    by_key = {c.key: c for c in candidates}
-    return [replace(t, mean_logprob=by_key[t.key].mean_logprob) for t in tempered]
+    return rank_options([c.result for c in candidates], [c.mean_logprob for c in candidates], temperature)
 
 
 def evaluate(
