@@ -64,13 +64,16 @@ class EngineClient:
         self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0), transport=transport)
 
     @classmethod
-    def from_settings(cls, settings) -> "EngineClient":
+    def from_settings(cls, settings, *, batch: bool = False) -> "EngineClient":
         """The client of the engine(s) `DATAENGINE_ENGINE_URL` names: the one way the backend, the worker and
-        pre-labelling build it. Raises EngineNotConfigured when it is empty."""
+        pre-labelling build it. `batch`: for work that keeps many requests in flight (the gate, prelabel), whose
+        requests wait `DATAENGINE_ENGINE_BATCH_TIMEOUT` instead of the interactive one. Raises
+        EngineNotConfigured when the URL is empty."""
         if not settings.engine_url:
             raise EngineNotConfigured("DATAENGINE_ENGINE_URL is not set: point it at the running vLLM engine "
                                       "(`dataengine serve` sets it when it starts the engine, and passes it to its worker)")
-        return cls(settings.engine_url, settings.model_name, settings.engine_request_timeout)
+        timeout = settings.engine_batch_timeout if batch else settings.engine_request_timeout
+        return cls(settings.engine_url, settings.model_name, timeout)
 
     def _url(self) -> str:
         with self._lock:  # spread requests over engine replicas

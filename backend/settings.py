@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     engine_extra_args: str = ""  # appended verbatim to the vLLM command line
     engine_start_timeout: float = 600.0
     engine_request_timeout: float = 90.0  # Label Studio gives up on /predict after 100 s
+    # Batch work (the gate's held-out tasks, `dataengine prelabel`) keeps many requests in flight; on a CPU
+    # host with a LoRA adapter each can queue behind the others for minutes without the engine being down
+    engine_batch_timeout: float = Field(900.0, gt=0)
     max_lora_rank: int = 16
     engine_max_images: int = Field(1, ge=0)  # vision-language models: images per prompt the engine accepts
 

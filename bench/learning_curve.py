@@ -175,11 +175,28 @@ def run_curve(dataset: Dataset, choices: list[int], settings: Settings, max_held
             "round_seconds": round_seconds if count else None,
             "round_heldout": outcome.get("heldout"),
             "policy_training": _policy_metrics(settings, project, outcome.get("version")),
+            "heldout_rows": None if ranking.has_spans else heldout_rows(ranking),
         }
         points.append(point)
         print(json.dumps(_summary(point)), file=sys.stderr, flush=True)
     return {"task": dataset.name, "heldout_tasks": len(eval_tasks), "points": points,
             "summary": [_summary(p) for p in points], "targets": TARGETS.get(dataset.name)}
+
+
+def heldout_rows(ranking) -> list[dict]:
+    """Per held-out task of a closed set: the options in served order with the policy's log-probability, the
+    served score and the reward model's score, and which one the human chose: enough to study confidence
+    measures offline without ranking again."""
+    from backend.candidates import canonical_key
+
+    rows = []
+    for task, ranked in zip(ranking.tasks, ranking.ranked):
+        keys = [c.key for c in ranked.candidates]
+        human = canonical_key(task.human_result)
+        rows.append({"id": task.task.get("id"), "human": keys.index(human) if human in keys else None,
+                     "logprob": [c.mean_logprob for c in ranked.candidates], "score": [c.score for c in ranked.candidates],
+                     "reward": ranked.rewards})
+    return rows
 
 
 def predictions_of(settings: Settings, xml: str, version, tasks: list[dict]) -> list[list[dict]]:
@@ -189,7 +206,7 @@ def predictions_of(settings: Settings, xml: str, version, tasks: list[dict]) -> 
 
     if not tasks:
         return []
-    engine = EngineClient.from_settings(settings)
+    engine = EngineClient.from_settings(settings, batch=True)
     predictor = Predictor(settings, engine)
     try:
         request = PredictRequest(compile_label_config(xml, settings=settings), [{"id": t["id"], "data": t["data"]} for t in tasks],

@@ -12,6 +12,7 @@ import pytest
 from backend.engine_client import EngineClient
 from backend.errors import EngineUnavailable
 from tests.conftest import make_settings
+from tests.slow_proxy import SlowProxy
 from training.evaluate import is_heldout
 from training.export import ProjectExport
 from training.preferences import derive
@@ -76,3 +77,16 @@ def test_a_round_that_fails_in_the_gate_leaves_no_orphan_version(tmp_path, engin
     versions = Path(settings.projects_dir) / "42" / "versions"
     assert not [p for p in versions.glob("*") if p.is_dir()], list(versions.glob("*"))
     assert Registry(settings.projects_dir, "42", settings.model_name).current_name() is None
+
+
+def test_the_gate_waits_for_an_engine_slower_than_the_interactive_timeout(tmp_path, engine_url, tiny_rm_base):
+    """Found by the NER learning curve on 2 cores: the gate's batch of held-out tasks (16 in flight) queued each
+    engine request past DATAENGINE_ENGINE_REQUEST_TIMEOUT, which is there for Label Studio's interactive /predict,
+    and every round failed with EngineUnavailable. Batch work has its own, longer timeout."""
+    with SlowProxy(engine_url, delay=1.5) as slow:
+        settings = fast_settings(tmp_path, slow.url, tiny_rm_base).model_copy(
+            update={"engine_request_timeout": 0.5, "engine_batch_timeout": 60.0})
+        outcome = learn(round_inputs(settings, "43", exported_tasks(30)), settings, lambda *a, **k: None)
+    evaluation = outcome["evaluation"]
+    assert evaluation["candidate"]["failed"] == 0 and evaluation["current"]["failed"] == 0, evaluation
+    assert evaluation["candidate"]["tasks"] == sum(is_heldout(i) for i in range(1, 31)), evaluation

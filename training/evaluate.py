@@ -108,7 +108,7 @@ def rank_heldout(
     if not tasks:
         return HeldoutRanking(version.name, [], [], 0, has_spans, weight)
     own_engine = engine is None
-    engine = engine or EngineClient.from_settings(settings)
+    engine = engine or EngineClient.from_settings(settings, batch=True)
     predictor = Predictor(settings, engine)
     try:
         request = PredictRequest(

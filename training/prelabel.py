@@ -114,7 +114,7 @@ class Prelabeler:
         )
         self._own_engine = engine is None
         try:
-            self.engine = EngineClient.from_settings(settings) if engine is None else engine
+            self.engine = EngineClient.from_settings(settings, batch=True) if engine is None else engine
             self.ls = ls if ls is not None else label_studio_client(*credentials(settings, PRELABEL_NEEDS), timeout=120.0)
         except (EngineNotConfigured, LabelStudioNotConfigured) as exc:
             raise PrelabelError(str(exc)) from exc

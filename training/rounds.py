@@ -360,7 +360,7 @@ def _score_versions(inputs: RoundInputs, config: CompiledConfig, record: Version
     tasks = {t["id"]: t for t in inputs.exported.tasks}
     heldout = [EvalTask(tasks[s.task_id], s.result) for s in inputs.derived.sft if is_heldout(s.task_id) and s.task_id in tasks]
     instructions = inputs.exported.instructions
-    engine = EngineClient.from_settings(settings)
+    engine = EngineClient.from_settings(settings, batch=True)
     try:
         current_eval = score_ranking(rank_heldout(settings, config, current, heldout, instructions, engine))
         candidate = rank_heldout(settings, config, record.serving(), heldout, instructions, engine)
