@@ -33,6 +33,19 @@ class ServingVersion:
     # held-out tasks: a fine-tuned adapter is overconfident); None: 1
     option_temperature: float | None = None
 
+    @classmethod
+    def from_current(cls, data: dict[str, Any]) -> "ServingVersion":
+        """From `current.json` (what training/registry.py writes on promotion)."""
+        return cls(str(data["version"]), data.get("adapter"), data.get("adapter_path"), data.get("reward_model_path"),
+                   data.get("rm_weight"), data.get("option_temperature"))
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "ServingVersion":
+        """From a version's `version.json`: its adapter only when one was published."""
+        adapter_path = record.get("adapter_path")
+        return cls(record["name"], record.get("adapter_name") if adapter_path else None, adapter_path,
+                   record.get("reward_model_path"), record.get("rm_weight"), record.get("option_temperature"))
+
 
 def base_version(model_name: str) -> ServingVersion:
     return ServingVersion(name=f"{model_name}-base")
@@ -60,14 +73,7 @@ class VersionReader:
         path = self.projects_dir / project / CURRENT_FILE
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return ServingVersion(
-                name=str(data["version"]),
-                adapter=data.get("adapter"),
-                adapter_path=data.get("adapter_path"),
-                reward_model_path=data.get("reward_model_path"),
-                rm_weight=data.get("rm_weight"),
-                option_temperature=data.get("option_temperature"),
-            )
+            return ServingVersion.from_current(data)
         except FileNotFoundError:
             return self.base
         except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
@@ -94,10 +100,7 @@ class VersionReader:
                 return self.base
             record = read_version_record(root / VERSIONS_DIR / str(decision.get("version")))
             if record is not None:
-                adapter_path = record.get("adapter_path")
-                return ServingVersion(record["name"], record.get("adapter_name") if adapter_path else None, adapter_path,
-                                      record.get("reward_model_path"), record.get("rm_weight"),
-                                      record.get("option_temperature"))
+                return ServingVersion.from_record(record)
         return self.base
 
     def versions(self, project: str) -> list[dict[str, Any]]:

@@ -45,14 +45,7 @@ class VersionRecord:
     option_temperature: float | None = None  # closed label sets: the gate's fit (backend.registry.ServingVersion)
 
     def serving(self) -> ServingVersion:
-        return ServingVersion(
-            name=self.name,
-            adapter=self.adapter_name if self.adapter_path else None,
-            adapter_path=self.adapter_path,
-            reward_model_path=self.reward_model_path,
-            rm_weight=self.rm_weight,
-            option_temperature=self.option_temperature,
-        )
+        return ServingVersion.from_record(asdict(self))
 
 
 def _content_hash(directory: Path) -> str:
