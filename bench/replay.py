@@ -47,6 +47,11 @@ class RecordingProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
+    def on_post(self, path: str, body: bytes) -> None:
+        """Called with each POST before it is forwarded: records it."""
+        with self._lock:
+            self.recorded.append((path, body))
+
     def take(self) -> list[bytes]:
         """The chat completion bodies recorded since the last call, in the order they arrived."""
         with self._lock:
@@ -76,8 +81,7 @@ class RecordingProxy:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with proxy._lock:
-                    proxy.recorded.append((self.path, body))
+                proxy.on_post(self.path, body)
                 self._forward(body)
 
             def _forward(self, body: bytes) -> None:
