@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +25,11 @@ from redis.exceptions import RedisError
 
 from . import metrics
 from .candidates import canonical_key
-from .queue import SERVED_TTL, served_key
+from .queue import SERVED_TTL, RedisBackoff, served_key
 
 log = logging.getLogger(__name__)
 CREATED_ACTIONS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED"}
-REDIS_BACKOFF_S = 30.0  # after a failed write, /predict skips this bookkeeping for a while (no 1 s stalls)
-_skip_until = 0.0
+_backoff = RedisBackoff()  # after a failed write, /predict skips this bookkeeping for a while
 
 
 def fingerprint(result: Any) -> str:
@@ -41,8 +39,7 @@ def fingerprint(result: Any) -> str:
 
 def remember_served(redis: Redis, project: str, tasks: list[Any], ranked: list[list[dict[str, Any]]], version: str) -> None:
     """Record what /predict returned per task. Never fails the request: Redis trouble is logged and skipped."""
-    global _skip_until
-    if time.monotonic() < _skip_until:
+    if _backoff.active():
         return
     entries = {}
     for task, predictions in zip(tasks, ranked):
@@ -60,8 +57,8 @@ def remember_served(redis: Redis, project: str, tasks: list[Any], ranked: list[l
                 pipe.set(name, value, ex=SERVED_TTL)
             pipe.execute()
     except RedisError as exc:
-        _skip_until = time.monotonic() + REDIS_BACKOFF_S
-        log.warning("quality signal: cannot record served candidates (%s); retrying in %.0f s", exc, REDIS_BACKOFF_S)
+        _backoff.failed()
+        log.warning("quality signal: cannot record served candidates (%s); retrying in %.0f s", exc, _backoff.seconds)
 
 
 @dataclass(frozen=True)

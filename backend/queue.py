@@ -74,6 +74,27 @@ return 0
 """
 
 
+# --- bookkeeping on Redis ----------------------------------------------------------------------------
+
+
+REDIS_BACKOFF_S = 30.0
+
+
+@dataclass
+class RedisBackoff:
+    """Bookkeeping that must never slow a request: after a Redis failure it skips Redis for `seconds` (no 1 s
+    connect stall per /predict while Redis is down)."""
+
+    seconds: float = REDIS_BACKOFF_S
+    until: float = 0.0
+
+    def active(self) -> bool:
+        return time.monotonic() < self.until
+
+    def failed(self) -> None:
+        self.until = time.monotonic() + self.seconds
+
+
 # --- keys -----------------------------------------------------------------------------------------------
 
 

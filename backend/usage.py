@@ -20,21 +20,19 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable
 
 from redis import Redis
 from redis.exceptions import RedisError
 
-from .queue import ADMIT_PROJECT, usage_key, usage_projects_key
+from .queue import ADMIT_PROJECT, RedisBackoff, usage_key, usage_projects_key
 
 log = logging.getLogger(__name__)
 
 OVERFLOW_PROJECT = "other"
 SOURCES = ("predict", "prelabel")
 COUNTERS = ("tasks", "requests", "prompt_tokens", "completion_tokens", "engine_seconds")
-REDIS_BACKOFF_S = 30.0  # after a failed write, recording is skipped for a while (no stall per request)
 
 
 
@@ -106,18 +104,18 @@ class UsageRow:
 
 class UsageStore:
     """The Redis-held totals. `record` never raises: cost accounting must not fail a /predict or a prelabel
-    run (a Redis error is logged, and recording pauses for REDIS_BACKOFF_S)."""
+    run (a Redis error is logged, and recording pauses for a while: RedisBackoff)."""
 
     def __init__(self, redis: Redis, max_projects: int):
         self.redis = redis
         self.max_projects = max_projects
         self._admitted: set[str] = set()
-        self._skip_until = 0.0
+        self._backoff = RedisBackoff()
 
     def record(self, project: str, model_version: str, source: str, usage: Usage, tasks: int) -> bool:
         if source not in SOURCES:
             raise ValueError(f"unknown usage source {source!r}; expected one of {SOURCES}")
-        if (usage.requests == 0 and tasks == 0) or time.monotonic() < self._skip_until:
+        if (usage.requests == 0 and tasks == 0) or self._backoff.active():
             return False
         try:
             name = usage_key(self._admit(project))
@@ -131,8 +129,8 @@ class UsageStore:
                         pipe.hincrby(name, field, value)
                 pipe.execute()
         except RedisError as exc:
-            self._skip_until = time.monotonic() + REDIS_BACKOFF_S
-            log.warning("engine usage not recorded for project %s (%s); retrying in %.0f s", project, exc, REDIS_BACKOFF_S)
+            self._backoff.failed()
+            log.warning("engine usage not recorded for project %s (%s); retrying in %.0f s", project, exc, self._backoff.seconds)
             return False
         return True
 

@@ -7,7 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backend import metrics, quality
-from backend.queue import training_metrics_key
+from backend.queue import RedisBackoff, training_metrics_key
 from backend.app import create_app
 from backend.engine_client import EngineClient
 from tests.conftest import flushed_redis, load_config, make_settings, redis_db
@@ -25,7 +25,7 @@ def redis():
 @pytest.fixture(autouse=True)
 def single_process_metrics(monkeypatch):
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    monkeypatch.setattr(quality, "_skip_until", 0.0)
+    monkeypatch.setattr(quality, "_backoff", RedisBackoff())
 
 
 def make_client(tmp_path, engine_url="http://127.0.0.1:9", **overrides):
