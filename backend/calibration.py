@@ -12,16 +12,33 @@ it only damps that task's scores and never changes their order.
 
 Trained versions are not calibrated this way: their adapter has learned the project's labels, label prior
 included, and a skewed project would be pulled towards uniform.
+
+`SharedBatchCalibration` keeps the estimate in Redis, so every HTTP worker and prelabel job of a deployment
+calibrates a task the same way (one Lua script per batch: each distinct task's row is added once, atomically).
+It stops adding tasks once it holds `WINDOW` of them (a bias estimated from 2,000 tasks is settled), and falls
+back to its process's own estimate while Redis is unreachable.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from redis import Redis
+from redis.exceptions import RedisError
+
+from .queue import RedisBackoff
+from .queue import key as redis_key
+
+log = logging.getLogger(__name__)
+
 PRIOR_WEIGHT = 1.0  # pseudo-tasks of zero bias in the mean
 WINDOW = 2000  # distinct tasks remembered per estimate (the oldest are forgotten first)
 MAX_KEYS = 256  # (project, version, control) estimates kept per process
+SHARED_TTL = 30 * 24 * 3600  # seconds an estimate unused for that long stays in Redis
 
 
 @dataclass
@@ -43,9 +60,6 @@ class _TaskMean:
         while len(self.rows) > WINDOW:
             _, old = self.rows.popitem(last=False)
             self.totals = [t - v for t, v in zip(self.totals, old)]
-
-    def bias(self) -> list[float]:
-        return [t / (len(self.rows) + PRIOR_WEIGHT) for t in self.totals]
 
 
 def centered(logprobs: list[float]) -> list[float]:
@@ -76,5 +90,56 @@ class BatchCalibration:
             self._estimates[key] = estimate
             while len(self._estimates) > MAX_KEYS:
                 self._estimates.popitem(last=False)
-            bias = estimate.bias()
-        return [[value - b for value, b in zip(row, bias)] for _, row in rows]
+            totals, tasks = list(estimate.totals), len(estimate.rows)
+        return _debiased([row for _, row in rows], totals, tasks)
+
+
+def _debiased(rows: list[list[float]], totals: list[float], tasks: int) -> list[list[float]]:
+    bias = [t / (tasks + PRIOR_WEIGHT) for t in totals]
+    return [[value - b for value, b in zip(row, bias)] for row in rows]
+
+
+# KEYS: the totals hash, the set of task keys counted. ARGV: width, window, ttl, then per task its key and row.
+_ADD_ROWS = """
+local width, window, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 4, #ARGV, width + 1 do
+  if redis.call('SCARD', KEYS[2]) < window and redis.call('SADD', KEYS[2], ARGV[i]) == 1 then
+    for j = 1, width do redis.call('HINCRBYFLOAT', KEYS[1], j, ARGV[i + j]) end
+  end
+end
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+local out = {redis.call('SCARD', KEYS[2])}
+for j = 1, width do out[j + 1] = redis.call('HGET', KEYS[1], j) or '0' end
+return out
+"""
+
+
+class SharedBatchCalibration:
+    """`BatchCalibration` with the estimate in Redis, shared by every process of a deployment."""
+
+    def __init__(self, redis: Redis):
+        self.redis = redis
+        self.local = BatchCalibration()  # while Redis is unreachable
+        self._backoff = RedisBackoff()
+        self._add_rows = redis.register_script(_ADD_ROWS)
+
+    def calibrate(self, key: tuple, batch: list[tuple[str, list[float]]]) -> list[list[float]]:
+        if not batch:
+            return []
+        rows = [centered(logprobs) for _, logprobs in batch]
+        width = len(rows[0])
+        digest = hashlib.sha1(json.dumps([str(part) for part in key]).encode()).hexdigest()
+        args = [width, WINDOW, SHARED_TTL]
+        for (task_key, _), row in zip(batch, rows):
+            args += [task_key, *(repr(value) for value in row)]
+        if self._backoff.active():
+            return self.local.calibrate(key, batch)
+        try:
+            reply = self._add_rows(keys=[redis_key("calibration", digest), redis_key("calibration", digest, "tasks")], args=args)
+        except RedisError as exc:
+            self._backoff.failed()
+            log.warning("closed-set calibration: Redis unreachable (%s); this process's own estimate for %.0f s", exc,
+                        self._backoff.seconds)
+            return self.local.calibrate(key, batch)
+        return _debiased(rows, [float(total) for total in reply[1:]], int(reply[0]))

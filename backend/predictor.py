@@ -4,17 +4,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import metrics
-from .calibration import BatchCalibration
+from .calibration import BatchCalibration, SharedBatchCalibration
 from .candidates import Candidate, rank_options, rank_samples, sort_candidates
 from .engine_client import EngineClient, UnknownModel
 from .errors import RequestError
 from .images import ImageFetcher, ImageLimits, LabelStudioAccess
 from .label_config import CompiledConfig, Control
+from .label_prior import log_prior
 from .prompts import answer_text, build_choice_messages, build_messages, option_answer, reward_text
 from .registry import ServingVersion
 from .reranker import blend_scores, load_scorer
@@ -34,6 +36,7 @@ class PredictRequest:
     instructions: str = ""
     label_studio: LabelStudioAccess = LabelStudioAccess()  # where `/data/upload/...` images are read
     project: str = ""  # keys the closed-set calibration estimate (backend/calibration.py)
+    label_prior: dict[str, Counter] = field(default_factory=dict)  # control -> the project's label counts (label_prior.py)
 
 
 @dataclass(frozen=True)
@@ -99,12 +102,13 @@ def _content_key(texts: dict[str, str]) -> str:
 
 
 class Predictor:
-    def __init__(self, settings: Settings, engine: EngineClient):
+    def __init__(self, settings: Settings, engine: EngineClient,
+                 calibration: BatchCalibration | SharedBatchCalibration | None = None):
         self.settings = settings
         self.engine = engine
         self._pool = ThreadPoolExecutor(max_workers=settings.predict_concurrency, thread_name_prefix="predict")
         self.images = ImageFetcher(ImageLimits.from_settings(settings))
-        self.calibration = BatchCalibration()
+        self.calibration = calibration or BatchCalibration()  # the process's own estimate unless one is shared
 
     def predict(self, request: PredictRequest) -> list[list[dict[str, Any]]]:
         """One list of predictions per task, in task order; the first bad task's error is raised."""
@@ -202,15 +206,19 @@ class Predictor:
         return _Scored(item, option_results=[control.to_results(o, text) for o in options], option_logprobs=logprobs)
 
     def _rank_options(self, request: PredictRequest, scored: list[_Scored]) -> None:
-        """Closed sets, once the whole batch is scored: calibrated (base model), or at the version's option temperature
-        (a trained adapter), and ranked."""
+        """Closed sets, once the whole batch is scored: calibrated and weighted by the project's label prior (base
+        model), or at the version's option temperature (a trained adapter), and ranked."""
         if not scored:
             return
         logprobs = [s.option_logprobs for s in scored]
         if self.settings.calibration == "batch" and not request.version.adapter:
             control = request.config.enumerable_control(self.settings.enumerate_max)
-            key = (request.project, request.version.name, control.name, tuple(map(str, control.options() or [])))
+            options = control.options() or []
+            key = (request.project, request.version.name, control.name, tuple(map(str, options)))
             logprobs = self.calibration.calibrate(key, [(_content_key(s.item.texts), row) for s, row in zip(scored, logprobs)])
+            prior = log_prior(request.label_prior.get(control.name), options)
+            if prior is not None:
+                logprobs = [[value + p for value, p in zip(row, prior)] for row in logprobs]
         temperature = request.version.option_temperature or 1.0
         for item, row in zip(scored, logprobs):
             item.candidates = rank_options(item.option_results, row, temperature)

@@ -12,9 +12,11 @@ from typing import Any
 import httpx
 
 from . import label_studio, metrics, quality
+from .calibration import SharedBatchCalibration
 from .engine_client import EngineClient
 from .errors import BadRequest
 from .feedback import HANDLED_ACTIONS, parse_webhook
+from .label_prior import LabelPriors, update_from_webhook
 from .predictor import PredictOutcome, PredictRequest, Predictor
 from .projects import ProjectSettings, ProjectStore, Sampling
 from .protocol import PredictTasksRequest, PrelabelRequest, SetupRequest
@@ -44,13 +46,14 @@ class Services:
         self.engine = engine
         self.projects = ProjectStore(settings.projects_dir)
         self.versions = VersionReader(settings.projects_dir, settings.model_name)
-        self.predictor = Predictor(settings, engine)
         self.queue = FeedbackQueue.from_settings(settings)
+        self.predictor = Predictor(settings, engine, SharedBatchCalibration(self.queue.redis))
         self.usage = UsageStore(self.queue.redis, settings.max_projects)
+        self.label_priors = LabelPriors(self.queue.redis)
         self.prelabel = PrelabelJobs(settings, self.queue)
         self.setup = ProjectSetup(settings, self.projects, self.versions)
         self.predictions = Predictions(self)
-        self.webhooks = Webhooks(settings, self.queue, self.projects, self.prelabel)
+        self.webhooks = Webhooks(settings, self.queue, self.projects, self.prelabel, self.label_priors)
 
 
 class PrelabelJobs:
@@ -121,6 +124,7 @@ class Predictions:
     def __init__(self, services: Services):
         self.settings, self.projects, self.versions = services.settings, services.projects, services.versions
         self.predictor, self.usage, self.redis = services.predictor, services.usage, services.queue.redis
+        self.label_priors = services.label_priors
 
     def predict(self, request: PredictTasksRequest) -> Reply:
         stored = self.projects.get(request.project)
@@ -154,6 +158,7 @@ class Predictions:
             instructions=stored.instructions,
             label_studio=label_studio.access_for(self.settings, stored.label_studio_hostname, stored.label_studio_token),
             project=request.project,
+            label_prior=self.label_priors.for_prediction(request.project, config, version, self.settings.enumerate_max),
         )
 
 
@@ -187,17 +192,20 @@ def empty_prediction(model_version: str) -> dict[str, Any]:
 
 
 class Webhooks:
-    def __init__(self, settings: Settings, queue: FeedbackQueue, projects: ProjectStore, prelabel: PrelabelJobs):
+    def __init__(self, settings: Settings, queue: FeedbackQueue, projects: ProjectStore, prelabel: PrelabelJobs,
+                 label_priors: LabelPriors):
         self.settings, self.queue, self.projects, self.prelabel = settings, queue, projects, prelabel
+        self.label_priors = label_priors
 
     def receive(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Record a Label Studio event (training starts when due), count the quality signal of the annotations
-        it creates, and have a ranking project's new tasks filled with candidates."""
+        it creates, keep the project's label counts, and have a ranking project's new tasks filled with candidates."""
         event = parse_webhook(payload)
         metrics.count_webhook(event.action)
         created = quality.created_annotations(payload)
         recorded = self.queue.record(event, read_keys=[a.served_key(event.project) for a in created])
         _count_quality(event.project, created, recorded.read_values)
+        self.label_priors.apply(update_from_webhook(event.project, payload))
         body = {"status": "ok", "event": recorded.event_id, "training_job": recorded.training_job}
         if event.action not in HANDLED_ACTIONS:
             body["note"] = f"event {event.action} recorded; it does not affect training"

@@ -28,10 +28,12 @@ from typing import Any, Callable, Iterable, Iterator
 
 from redis import Redis
 
+from backend.calibration import SharedBatchCalibration
 from backend.candidate_fill import CandidateFiller, FilledTask
 from backend.engine_client import EngineClient, EngineNotConfigured
 from backend.errors import RequestError
 from backend.images import LabelStudioAccess
+from backend.label_prior import LabelPriors
 from backend.label_config import CompiledConfig
 from backend.label_studio import LabelStudioNotConfigured, credentials
 from backend.label_studio import client as label_studio_client
@@ -109,9 +111,9 @@ class Prelabeler:
     def __init__(self, settings: Settings, engine: EngineClient | None = None, ls=None, usage: UsageStore | None = None):
         self.settings = settings
         # where the run's engine usage is counted for /metrics and `dataengine report` (never fails the run)
-        self.usage = usage or UsageStore(
-            Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0), settings.max_projects
-        )
+        redis = Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=2.0)
+        self.usage = usage or UsageStore(redis, settings.max_projects)
+        self.label_priors = LabelPriors(redis)
         self._own_engine = engine is None
         try:
             self.engine = EngineClient.from_settings(settings, batch=True) if engine is None else engine
@@ -119,7 +121,7 @@ class Prelabeler:
         except (EngineNotConfigured, LabelStudioNotConfigured) as exc:
             raise PrelabelError(str(exc)) from exc
         tuned = settings.model_copy(update={"predict_concurrency": settings.prelabel_concurrency})
-        self.predictor = Predictor(tuned, self.engine)
+        self.predictor = Predictor(tuned, self.engine, SharedBatchCalibration(redis))
         self.filler = CandidateFiller(self.predictor)
         self.access = LabelStudioAccess(url=settings.label_studio_url, token=settings.label_studio_api_key, trusted=True)
 
@@ -174,6 +176,7 @@ class Prelabeler:
         return _Plan(
             config=config, ranking=ranking, version=version, our_versions=ours, instructions=instructions, summary=summary,
             candidates=sampling.candidates, temperature=sampling.temperature,
+            label_prior=self.label_priors.for_prediction(options.project, config, version, self.settings.enumerate_max),
         )
 
     def _todo(self, plan: "_Plan", options: PrelabelOptions, tqdm_bar) -> Iterator[dict[str, Any]]:
@@ -251,7 +254,7 @@ class Prelabeler:
         request = PredictRequest(
             config=plan.config, tasks=[task], version=plan.version, candidates=plan.candidates,
             temperature=plan.temperature, instructions=plan.instructions, label_studio=self.access,
-            project=plan.summary.project,
+            project=plan.summary.project, label_prior=plan.label_prior,
         )
         outcome = self.predictor.predict_each(request)
         if outcome.failures:
@@ -270,6 +273,7 @@ class _Plan:
     candidates: int
     temperature: float
     meter: "_UsageMeter | None" = None  # set by `run`
+    label_prior: dict = field(default_factory=dict)  # closed sets on the untrained model: the project's label counts
 
     def already_done(self, task: dict[str, Any]) -> bool:
         if self.ranking is not None:

@@ -80,9 +80,9 @@ def backend_env(label_studio: LabelStudioServer, **overrides: str) -> dict[str, 
 def backend(engine_url, label_studio_launched, tmp_path_factory) -> Backend:
     """`dataengine serve` attached to the session's engine, configured as the README says."""
     log_path = tmp_path_factory.mktemp("e2e-backend-log") / "serve.log"
-    # One HTTP worker: the untrained model's closed-set calibration is estimated per process
-    # (backend/calibration.py), and the interactive test compares a score with the batch-retrieved one.
-    env = backend_env(label_studio_launched, DATAENGINE_WORKERS="1")
+    # The default two HTTP workers: the closed-set calibration estimate is shared in Redis
+    # (backend/calibration.py), so the interactive test's score matches the batch-retrieved one whichever answers.
+    env = backend_env(label_studio_launched)
     with run_backend(engine_url, tmp_path_factory.mktemp("e2e-model-dir"), log_path, env) as (url, _proc):
         yield Backend(url, log_path)
 
@@ -91,7 +91,7 @@ def backend(engine_url, label_studio_launched, tmp_path_factory) -> Backend:
 def basic_auth_backend(engine_url, label_studio, tmp_path_factory) -> Backend:
     """A second backend, protected with BASIC_AUTH_USER/BASIC_AUTH_PASS (credentials: BASIC_AUTH)."""
     log_path = tmp_path_factory.mktemp("e2e-basic-auth-log") / "serve.log"
-    env = backend_env(label_studio, BASIC_AUTH_USER=BASIC_AUTH[0], BASIC_AUTH_PASS=BASIC_AUTH[1], DATAENGINE_WORKERS="1")
+    env = backend_env(label_studio, BASIC_AUTH_USER=BASIC_AUTH[0], BASIC_AUTH_PASS=BASIC_AUTH[1])
     with run_backend(engine_url, tmp_path_factory.mktemp("e2e-basic-auth-model-dir"), log_path, env) as (url, _proc):
         yield Backend(url, log_path)
 

@@ -1,0 +1,174 @@
+"""A project's label prior, counted from its own annotations: what the untrained model cannot know.
+
+Batch calibration (backend/calibration.py) removes the model's own preference for some labels, which leaves
+every label equally likely a priori. A project's labels rarely are: a review project whose config offers
+Positive, Negative and Neutral may hold almost no neutral reviews, and a calibrated 135M model then calls a
+third of them Neutral (top-1 0.38 on binary reviews, README "Closed label sets"). The annotations say how
+often each label is chosen, so the calibrated option log-probabilities get the log of that prior added
+(Bayes' rule with the model's own prior made uniform), smoothed by `PSEUDO_COUNT` per option so that a
+project with no annotations stays uniform and a label nobody chose yet keeps a chance.
+
+The counts live in Redis, shared by every backend process: one hash per project, annotation id -> the
+labels that annotation chose per control (`{"sentiment": ["Positive"]}`). The webhook writes it
+(ANNOTATION_CREATED / ANNOTATION_UPDATED replace the annotation's entry, a cancelled one or
+ANNOTATIONS_DELETED removes it), so an edit or a delete never counts twice. Trained versions do not use it:
+their adapter learned the project's labels, prior included. Reading is cached for `CACHE_SECONDS` per
+project, and a Redis failure means no prior (logged), never a failed /predict or webhook.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from .queue import RedisBackoff, key
+
+log = logging.getLogger(__name__)
+
+PSEUDO_COUNT = 1.0  # per option (a uniform Dirichlet prior)
+MAX_ANNOTATIONS = 50_000  # per project; past it new annotations are not counted (the prior is settled by then)
+MAX_REGIONS = 64  # regions read per annotation
+MAX_NAME_CHARS = 200  # control names and labels longer than this are not counted
+CACHE_SECONDS = 5.0
+UPSERT_ACTIONS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"}
+DELETE_ACTIONS = {"ANNOTATIONS_DELETED"}
+
+
+def label_prior_key(project: str) -> str:
+    return key("label-prior", project)
+
+
+def chosen_labels(result: Any) -> dict[str, list[str]]:
+    """Per control (`from_name`), the closed-set labels an annotation's result chose: Choices' `choices` and
+    Rating's `rating`, as strings. Anything malformed, oversized or of another kind is skipped."""
+    chosen: dict[str, list[str]] = {}
+    for region in result[:MAX_REGIONS] if isinstance(result, list) else []:
+        if not isinstance(region, dict) or not isinstance(region.get("value"), dict):
+            continue
+        name = region.get("from_name")
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
+            continue
+        value = region["value"]
+        labels = value.get("choices") if "choices" in value else [value.get("rating")] if "rating" in value else []
+        for label in labels if isinstance(labels, list) else []:
+            text = _label_text(label)
+            if text is not None and text not in chosen.setdefault(name, []):
+                chosen[name].append(text)
+    return {name: labels for name, labels in chosen.items() if labels}
+
+
+def _label_text(label: Any) -> str | None:
+    if isinstance(label, bool):
+        return None
+    if isinstance(label, int) or (isinstance(label, str) and 0 < len(label) <= MAX_NAME_CHARS):
+        return str(label)
+    return None
+
+
+@dataclass(frozen=True)
+class PriorUpdate:
+    """What one webhook changes: annotation id -> its labels per control (None: forget the annotation)."""
+
+    project: str
+    entries: dict[int, dict[str, list[str]] | None]
+
+
+def update_from_webhook(project: str, payload: dict[str, Any]) -> PriorUpdate:
+    """The label-prior change a (parsed and validated) webhook payload makes; empty for other actions."""
+    action = payload.get("action")
+    annotations = payload.get("annotations", payload.get("annotation"))
+    annotations = [annotations] if isinstance(annotations, dict) else annotations
+    entries: dict[int, dict[str, list[str]] | None] = {}
+    if action not in UPSERT_ACTIONS | DELETE_ACTIONS:
+        return PriorUpdate(project, entries)
+    for annotation in annotations if isinstance(annotations, list) else []:
+        annotation_id = annotation.get("id") if isinstance(annotation, dict) else annotation
+        if isinstance(annotation_id, bool) or not isinstance(annotation_id, int):
+            continue
+        if action in DELETE_ACTIONS or annotation.get("was_cancelled"):
+            entries[annotation_id] = None
+        else:
+            entries[annotation_id] = chosen_labels(annotation.get("result")) or None
+    return PriorUpdate(project, entries)
+
+
+class LabelPriors:
+    """The label counts of every project, in Redis; reads cached per process for CACHE_SECONDS."""
+
+    def __init__(self, redis: Redis, cache_seconds: float = CACHE_SECONDS):
+        self.redis = redis
+        self.cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[float, dict[str, Counter]]] = {}
+        self._lock = threading.Lock()
+        self._backoff = RedisBackoff()
+
+    def apply(self, update: PriorUpdate) -> None:
+        """Write a webhook's change. Bookkeeping: Redis trouble is logged, never raised."""
+        if not update.entries:
+            return
+        name = label_prior_key(update.project)
+        removed = [str(i) for i, labels in update.entries.items() if labels is None]
+        written = {str(i): json.dumps(labels) for i, labels in update.entries.items() if labels is not None}
+        try:
+            if written and self.redis.hlen(name) >= MAX_ANNOTATIONS:
+                known = self.redis.hmget(name, list(written))
+                written = {field: value for (field, value), old in zip(written.items(), known) if old is not None}
+            with self.redis.pipeline(transaction=False) as pipe:
+                if removed:
+                    pipe.hdel(name, *removed)
+                if written:
+                    pipe.hset(name, mapping=written)
+                pipe.execute()
+        except RedisError as exc:
+            log.warning("label prior of project %s not updated: %s", update.project, exc)
+            return
+        with self._lock:
+            self._cache.pop(update.project, None)
+
+    def for_prediction(self, project: str, config, version, enumerate_max: int) -> dict[str, Counter]:
+        """The counts a prediction uses: only for a closed label set on the untrained model (else none, unread)."""
+        if version.adapter or config is None or config.enumerable_control(enumerate_max) is None:
+            return {}
+        return self.counts(project)
+
+    def counts(self, project: str) -> dict[str, Counter]:
+        """Per control name, how many annotations chose each label."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(project)
+        if cached is not None and now - cached[0] < self.cache_seconds:
+            return cached[1]
+        if self._backoff.active():
+            return {}
+        try:
+            raw = self.redis.hvals(label_prior_key(project))
+        except RedisError as exc:
+            self._backoff.failed()
+            log.warning("label prior of project %s unavailable (predicting without it for %.0f s): %s", project,
+                        self._backoff.seconds, exc)
+            return {}
+        counted: dict[str, Counter] = {}
+        for value in raw:
+            for control, labels in json.loads(value).items():
+                counted.setdefault(control, Counter()).update(labels)
+        with self._lock:
+            self._cache[project] = (now, counted)
+        return counted
+
+
+def log_prior(counts: Counter | None, options: list[Any]) -> list[float] | None:
+    """log P(option) from the counts, smoothed by PSEUDO_COUNT per option; None when no option was ever
+    chosen (a uniform prior changes nothing)."""
+    chosen = [float((counts or {}).get(str(option), 0)) for option in options]
+    if not any(chosen):
+        return None
+    total = sum(chosen) + PSEUDO_COUNT * len(options)
+    return [math.log((count + PSEUDO_COUNT) / total) for count in chosen]

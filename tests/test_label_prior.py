@@ -1,0 +1,121 @@
+"""The project's label prior (backend/label_prior.py): counted from webhooks in the REAL Redis, used by /predict
+on the REAL tiny vLLM engine for closed label sets of the untrained model."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from backend.app import create_app
+from backend.label_config import compile_label_config
+from backend.label_prior import LabelPriors, chosen_labels, label_prior_key, log_prior
+from backend.registry import ServingVersion
+from tests.conftest import flushed_redis, load_config, make_settings, redis_db
+
+REDIS_URL = redis_db(2)  # a database of its own, flushed per test
+PROJECT = 31
+
+
+@pytest.fixture
+def redis():
+    with flushed_redis(REDIS_URL) as connection:
+        yield connection
+
+
+@pytest.fixture
+def webhooks(tmp_path, redis):
+    """/webhook never calls the engine; a closed port proves it."""
+    app = create_app(make_settings(tmp_path / "model_dir", "http://127.0.0.1:9", redis_url=REDIS_URL))
+    yield app.test_client()
+    app.extensions["dataengine"].predictor.close()
+
+
+@pytest.fixture
+def client(tmp_path, engine_url, redis):
+    app = create_app(make_settings(tmp_path / "model_dir", engine_url, redis_url=REDIS_URL))
+    yield app.test_client()
+    app.extensions["dataengine"].predictor.close()
+
+
+def choice(label, name="sentiment"):
+    return [{"from_name": name, "to_name": "text", "type": "choices", "value": {"choices": [label]}}]
+
+
+def annotated(client, annotation_id, label, action="ANNOTATION_CREATED", **extra):
+    body = {"action": action, "project": {"id": PROJECT}, "task": {"id": 1000 + annotation_id},
+            "annotation": {"id": annotation_id, "task": 1000 + annotation_id, "result": choice(label), **extra}}
+    response = client.post("/webhook", json=body)
+    assert response.status_code == 200, response.get_json()
+
+
+def counts(redis):
+    return dict(LabelPriors(redis, cache_seconds=0).counts(str(PROJECT)).get("sentiment", {}))
+
+
+def test_webhooks_keep_one_entry_per_annotation(webhooks, redis):
+    client = webhooks
+    for annotation_id, label in [(1, "Positive"), (2, "Positive"), (3, "Negative"), (4, "Neutral")]:
+        annotated(client, annotation_id, label)
+    assert counts(redis) == {"Positive": 2, "Negative": 1, "Neutral": 1}
+
+    annotated(client, 2, "Negative", action="ANNOTATION_UPDATED")  # an edit replaces, never adds
+    annotated(client, 4, "Neutral", was_cancelled=True)  # a skipped task chose nothing
+    assert counts(redis) == {"Positive": 1, "Negative": 2}
+
+    response = client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "project": PROJECT, "annotations": [{"id": 3}]})
+    assert response.status_code == 200
+    assert counts(redis) == {"Positive": 1, "Negative": 1}
+    assert redis.hlen(label_prior_key(str(PROJECT))) == 2
+
+
+def test_hostile_results_are_skipped_not_counted():
+    hostile = [
+        {"from_name": "sentiment", "value": {"choices": "Positive"}},  # not a list
+        {"from_name": ["x"], "value": {"choices": ["Positive"]}},
+        {"from_name": "sentiment", "value": {"choices": [{"nested": 1}, True, None, "x" * 10_000]}},
+        {"from_name": "stars", "value": {"rating": True}},
+        "not a region", None, {"value": None},
+        {"from_name": "sentiment", "value": {"choices": ["Negative", "Negative"]}},
+        {"from_name": "stars", "value": {"rating": 4}},
+    ]
+    assert chosen_labels(hostile) == {"sentiment": ["Negative"], "stars": ["4"]}
+    assert chosen_labels({"choices": ["Positive"]}) == {}
+    assert chosen_labels(None) == {}
+
+
+def test_the_prior_is_smoothed_and_uniform_without_annotations():
+    assert log_prior(None, ["Positive", "Negative"]) is None
+    prior = log_prior({"Positive": 8}, ["Positive", "Negative", "Neutral"])
+    assert [round(math.exp(p), 4) for p in prior] == [round(9 / 11, 4), round(1 / 11, 4), round(1 / 11, 4)]
+    assert log_prior({"4": 3}, [1, 2, 3, 4, 5])[3] == max(log_prior({"4": 3}, [1, 2, 3, 4, 5]))  # ratings by their text
+
+
+def test_a_trained_adapter_does_not_read_the_prior(redis):
+    redis.hset(label_prior_key("9"), mapping={"1": '{"sentiment": ["Negative"]}'})
+    priors = LabelPriors(redis)
+    xml, _ = load_config("sentiment")
+    config = compile_label_config(xml)
+    assert priors.for_prediction("9", config, ServingVersion("base"), 16) == {"sentiment": {"Negative": 1}}
+    assert priors.for_prediction("9", config, ServingVersion("v2", adapter="v2", adapter_path="/x"), 16) == {}
+    ner = compile_label_config(load_config("ner")[0])
+    assert priors.for_prediction("9", ner, ServingVersion("base"), 16) == {}
+
+
+def negative_scores(results):
+    return [next(p["score"] for p in ranked if p["result"][0]["value"]["choices"] == ["Negative"]) for ranked in results]
+
+
+def test_predict_on_the_untrained_model_follows_the_projects_prior(client):
+    """The tiny random model's calibrated scores order the options by chance; once a project's annotators chose
+    Negative 40 times out of 41, every task gets Negative on top, scored higher than before."""
+    xml, tasks = load_config("sentiment")
+    predict = {"tasks": tasks, "label_config": xml, "project": f"{PROJECT}.1700000000"}
+    before = client.post("/predict", json=predict).get_json()["results"]
+
+    for annotation_id in range(1, 41):
+        annotated(client, annotation_id, "Negative")
+    annotated(client, 41, "Positive")
+    after = client.post("/predict", json=predict).get_json()["results"]
+    assert all(ranked[0]["result"][0]["value"]["choices"] == ["Negative"] for ranked in after)
+    assert all(a > b for a, b in zip(negative_scores(after), negative_scores(before)))
+    assert all(len(ranked) == len(b) for ranked, b in zip(after, before))
