@@ -109,6 +109,7 @@ class Settings(BaseSettings):
     # reward models trained per round and averaged (training.reward_model); unset: training/rounds.py rm_ensemble_size
     rm_ensemble: int | None = Field(None, ge=1, le=8)
     policy_algo: str = Field("auto", pattern=f"^(auto|{'|'.join(POLICY_ALGOS)}|none)$")  # training/rounds.py policy_plan
+    policy_precision: str = Field("auto", pattern="^(auto|bf16|fp32)$")  # auto: bf16 where native (trainer_defaults.native_bf16)
     min_pairs: int = Field(8, ge=1)  # fewer preference pairs than this: no training this round
     promote_margin: float = Field(0.0, ge=0.0, le=1.0)  # candidate may be this much worse and still promote
     eval_min_tasks: int = Field(5, ge=0)  # fewer held-out tasks: promote without an evaluation (recorded)

@@ -105,6 +105,38 @@ def test_sft_length_follows_the_data():
     assert PolicySettings(sft_steps=7).sft_steps_for(5000) == 7
 
 
+def test_policy_precision_follows_the_setting(tiny_model_dir, tmp_path, config):
+    from pydantic import ValidationError
+
+    from tests.conftest import make_settings
+    from training.rounds import PRECISIONS
+    from training.trainer_defaults import native_bf16
+
+    sft = _sft(config, _reviews(0, 4))
+    runs = {}
+    for precision in ("auto", "fp32", "bf16"):
+        chosen = make_settings(tmp_path, policy_precision=precision).policy_precision
+        settings = PolicySettings(sft_steps=1, torch_threads=THREADS, bf16=PRECISIONS[chosen])
+        runs[precision] = train_policy(str(tiny_model_dir), tmp_path / precision, sft=sft, settings=settings).metrics
+    assert runs["auto"]["settings"]["bf16"] is native_bf16()  # resolved, and recorded in the version's metrics
+    assert runs["fp32"]["settings"]["bf16"] is False and runs["bf16"]["settings"]["bf16"] is True
+    with pytest.raises(ValidationError, match="policy_precision"):
+        make_settings(tmp_path, policy_precision="half")
+
+
+def test_a_round_trains_generated_answers_at_a_higher_learning_rate(tmp_path):
+    from tests.conftest import load_config, make_settings, ranking_configs
+    from training.rounds import CLOSED_SET_SFT_LR, GENERATED_SFT_LR, policy_settings, project_kind
+
+    settings = make_settings(tmp_path)
+    rate = lambda xml: policy_settings(project_kind(xml, settings), settings).sft_learning_rate  # noqa: E731
+    assert rate(load_config("sentiment")[0]) == CLOSED_SET_SFT_LR  # one option word
+    assert rate(load_config("ner")[0]) == rate(load_config(ranking_configs()[0])[0]) == GENERATED_SFT_LR
+    assert GENERATED_SFT_LR > CLOSED_SET_SFT_LR
+    fp32 = make_settings(tmp_path, policy_precision="fp32")
+    assert policy_settings(project_kind(load_config("ner")[0], fp32), fp32).bf16 is False
+
+
 def test_prompt_text_drops_the_system_prompt(config):
     messages = build_messages(config, {"text": "Crust is not good."})
     text = prompt_text(messages)

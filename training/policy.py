@@ -28,7 +28,7 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
@@ -37,7 +37,7 @@ from backend.settings import POLICY_ALGOS
 from .distributed import is_main_process, per_device_batch
 from .lora_io import LoraShape, PolicyTrainingError, load_with_adapter, save_adapter
 from .preferences import PreferencePair, SftExample
-from .trainer_defaults import ProgressFn, TrainingLog, base_args, build_trainer
+from .trainer_defaults import ProgressFn, TrainingLog, base_args, build_trainer, native_bf16
 
 ALGOS = POLICY_ALGOS
 
@@ -81,7 +81,7 @@ class PolicySettings:
     max_length: int = 1024  # prompt + completion tokens for SFT / DPO
     seed: int = 0
     torch_threads: int | None = None  # None: leave torch's setting alone
-    bf16: bool = False  # fp32 is the safe CPU default
+    bf16: bool | None = None  # None: where it runs natively (`native_bf16`); the LoRA weights stay fp32 either way
     logging_steps: int = 1
 
     @property
@@ -133,6 +133,8 @@ def train_policy(
 
     algo = resolve_algo(algo)
     settings = settings or PolicySettings()
+    if settings.bf16 is None:
+        settings = replace(settings, bf16=native_bf16())
     settings.lora.check_rank()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)

@@ -54,6 +54,12 @@ Progress = Callable[..., None]
 # DATAENGINE_POLICY_ALGO set explicitly.
 CPU_POLICY_MAX_PARAMS = 300_000_000
 STAGE_DIR = "stages"
+PRECISIONS = {"auto": None, "bf16": True, "fp32": False}  # DATAENGINE_POLICY_PRECISION -> PolicySettings.bf16
+# SFT learning rate by what the policy answers. A closed set's answer is one option word: 2e-4 took sentiment to
+# 0.94 top-1 after 400 choices. A generated JSON answer (spans, text) is tens of tokens: 60 steps at 2e-4 left
+# CoNLL span F1 at 0.26, at 5e-4 0.40 (README "Benchmarks").
+CLOSED_SET_SFT_LR = 2e-4
+GENERATED_SFT_LR = 5e-4
 
 
 @dataclass(frozen=True)
@@ -265,7 +271,7 @@ def policy_data(inputs: RoundInputs, kind: ProjectKind, settings: Settings, *, h
 
 def _train_policy(inputs: RoundInputs, kind: ProjectKind, staged: Path, rm_path: str, algo: str, settings: Settings,
                   progress: Progress) -> dict[str, Any]:
-    from .policy import PolicySettings, train_policy, validity_from_config
+    from .policy import train_policy, validity_from_config
 
     progress("policy", algo=algo)
     sft, pairs = policy_data(inputs, kind, settings)
@@ -280,12 +286,21 @@ def _train_policy(inputs: RoundInputs, kind: ProjectKind, staged: Path, rm_path:
         algo=algo,
         reward_fn=reward,
         validity_fn=validity_from_config(kind.generation, texts_by_prompt, enumerate_max=settings.enumerate_max),
-        settings=PolicySettings(),
+        settings=policy_settings(kind, settings),
         progress=lambda event: progress("policy", **_loggable(event)),
         stage_dir=staged / STAGE_DIR,
         heldout_pairs=heldout_pairs,
     )
     return result.metrics
+
+
+def policy_settings(kind: ProjectKind, settings: Settings):
+    """The round's policy training knobs: the precision setting, and the learning rate for what the policy answers."""
+    from .policy import PolicySettings
+
+    closed = kind.ranking is None and kind.answers.enumerable_control(settings.enumerate_max) is not None
+    return PolicySettings(bf16=PRECISIONS[settings.policy_precision],
+                          sft_learning_rate=CLOSED_SET_SFT_LR if closed else GENERATED_SFT_LR)
 
 
 def _texts_by_prompt(inputs: RoundInputs, kind: ProjectKind, settings: Settings, examples) -> dict[str, dict[str, str]]:
