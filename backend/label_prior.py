@@ -4,24 +4,22 @@ Batch calibration (backend/calibration.py) removes the model's own preference fo
 every label equally likely a priori. A project's labels rarely are: a review project whose config offers
 Positive, Negative and Neutral may hold almost no neutral reviews, and a calibrated 135M model then calls a
 third of them Neutral (top-1 0.38 on binary reviews, README "Closed label sets"). The annotations say how
-often each label is chosen, so the calibrated option log-probabilities get the log of that prior added
-(Bayes' rule with the model's own prior made uniform), smoothed by `PSEUDO_COUNT` per option so that a
-project with no annotations stays uniform and a label nobody chose yet keeps a chance.
+often each label is chosen, smoothed by `PSEUDO_COUNT` per option so that a label nobody chose yet keeps a
+chance, and the calibration then matches that prior instead of a uniform one
+(`calibration.prior_matched_bias`).
 
 The counts live in Redis, shared by every backend process: one hash per project, annotation id -> the
 labels that annotation chose per control (`{"sentiment": ["Positive"]}`). The webhook writes it
 (ANNOTATION_CREATED / ANNOTATION_UPDATED replace the annotation's entry, a cancelled one or
-ANNOTATIONS_DELETED removes it), so an edit or a delete never counts twice. Trained versions do not use it:
-their adapter learned the project's labels, prior included. Reading is cached for `CACHE_SECONDS` per
-project, and a Redis failure means no prior (logged), never a failed /predict or webhook.
+ANNOTATIONS_DELETED removes it), so an edit or a delete never counts twice; the totals are kept beside it by
+the same Lua script. Trained versions do not use it: their adapter learned the project's labels, prior
+included. A Redis failure means no prior (logged), never a failed /predict or webhook.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import threading
-import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -37,13 +35,12 @@ PSEUDO_COUNT = 1.0  # per option (a uniform Dirichlet prior)
 MAX_ANNOTATIONS = 50_000  # per project; past it new annotations are not counted (the prior is settled by then)
 MAX_REGIONS = 64  # regions read per annotation
 MAX_NAME_CHARS = 200  # control names and labels longer than this are not counted
-CACHE_SECONDS = 5.0
 UPSERT_ACTIONS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"}
 DELETE_ACTIONS = {"ANNOTATIONS_DELETED"}
 
 
-def label_prior_key(project: str) -> str:
-    return key("label-prior", project)
+def label_prior_key(project: str, *parts: str) -> str:
+    return key("label-prior", project, *parts)
 
 
 def chosen_labels(result: Any) -> dict[str, list[str]]:
@@ -100,38 +97,56 @@ def update_from_webhook(project: str, payload: dict[str, Any]) -> PriorUpdate:
     return PriorUpdate(project, entries)
 
 
-class LabelPriors:
-    """The label counts of every project, in Redis; reads cached per process for CACHE_SECONDS."""
+# KEYS: annotation id -> its count fields (JSON list), field -> count. ARGV: the cap, then per annotation its id
+# and its new count fields ("" to forget it). An annotation's old fields are taken back before its new ones count.
+_APPLY = """
+local cap = tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  local id, new = ARGV[i], ARGV[i + 1]
+  local old = redis.call('HGET', KEYS[1], id)
+  if old or new == '' or redis.call('HLEN', KEYS[1]) < cap then
+    if old then
+      for _, f in ipairs(cjson.decode(old)) do redis.call('HINCRBY', KEYS[2], f, -1) end
+    end
+    if new == '' then
+      redis.call('HDEL', KEYS[1], id)
+    else
+      redis.call('HSET', KEYS[1], id, new)
+      for _, f in ipairs(cjson.decode(new)) do redis.call('HINCRBY', KEYS[2], f, 1) end
+    end
+  end
+end
+return 1
+"""
 
-    def __init__(self, redis: Redis, cache_seconds: float = CACHE_SECONDS):
+
+def _count_fields(labels: dict[str, list[str]] | None) -> str:
+    if not labels:
+        return ""
+    return json.dumps([json.dumps([control, label]) for control, chosen in labels.items() for label in chosen])
+
+
+class LabelPriors:
+    """The label counts of every project, in Redis: kept per annotation and as totals, updated atomically, so
+    every process reads the same counts in one small HGETALL."""
+
+    def __init__(self, redis: Redis):
         self.redis = redis
-        self.cache_seconds = cache_seconds
-        self._cache: dict[str, tuple[float, dict[str, Counter]]] = {}
-        self._lock = threading.Lock()
+        self._apply = redis.register_script(_APPLY)
         self._backoff = RedisBackoff()
 
     def apply(self, update: PriorUpdate) -> None:
         """Write a webhook's change. Bookkeeping: Redis trouble is logged, never raised."""
         if not update.entries:
             return
-        name = label_prior_key(update.project)
-        removed = [str(i) for i, labels in update.entries.items() if labels is None]
-        written = {str(i): json.dumps(labels) for i, labels in update.entries.items() if labels is not None}
+        args: list = [MAX_ANNOTATIONS]
+        for annotation_id, labels in update.entries.items():
+            args += [str(annotation_id), _count_fields(labels)]
+        keys = [label_prior_key(update.project), label_prior_key(update.project, "counts")]
         try:
-            if written and self.redis.hlen(name) >= MAX_ANNOTATIONS:
-                known = self.redis.hmget(name, list(written))
-                written = {field: value for (field, value), old in zip(written.items(), known) if old is not None}
-            with self.redis.pipeline(transaction=False) as pipe:
-                if removed:
-                    pipe.hdel(name, *removed)
-                if written:
-                    pipe.hset(name, mapping=written)
-                pipe.execute()
+            self._apply(keys=keys, args=args)
         except RedisError as exc:
             log.warning("label prior of project %s not updated: %s", update.project, exc)
-            return
-        with self._lock:
-            self._cache.pop(update.project, None)
 
     def for_prediction(self, project: str, config, version, enumerate_max: int) -> dict[str, Counter]:
         """The counts a prediction uses: only for a closed label set on the untrained model (else none, unread)."""
@@ -141,26 +156,20 @@ class LabelPriors:
 
     def counts(self, project: str) -> dict[str, Counter]:
         """Per control name, how many annotations chose each label."""
-        now = time.monotonic()
-        with self._lock:
-            cached = self._cache.get(project)
-        if cached is not None and now - cached[0] < self.cache_seconds:
-            return cached[1]
         if self._backoff.active():
             return {}
         try:
-            raw = self.redis.hvals(label_prior_key(project))
+            raw = self.redis.hgetall(label_prior_key(project, "counts"))
         except RedisError as exc:
             self._backoff.failed()
             log.warning("label prior of project %s unavailable (predicting without it for %.0f s): %s", project,
                         self._backoff.seconds, exc)
             return {}
         counted: dict[str, Counter] = {}
-        for value in raw:
-            for control, labels in json.loads(value).items():
-                counted.setdefault(control, Counter()).update(labels)
-        with self._lock:
-            self._cache[project] = (now, counted)
+        for field, count in raw.items():
+            control, label = json.loads(field)
+            if int(count) > 0:
+                counted.setdefault(control, Counter())[label] = int(count)
         return counted
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -215,10 +216,9 @@ class Predictor:
             control = request.config.enumerable_control(self.settings.enumerate_max)
             options = control.options() or []
             key = (request.project, request.version.name, control.name, tuple(map(str, options)))
-            logprobs = self.calibration.calibrate(key, [(_content_key(s.item.texts), row) for s, row in zip(scored, logprobs)])
             prior = log_prior(request.label_prior.get(control.name), options)
-            if prior is not None:
-                logprobs = [[value + p for value, p in zip(row, prior)] for row in logprobs]
+            logprobs = self.calibration.calibrate(key, [(_content_key(s.item.texts), row) for s, row in zip(scored, logprobs)],
+                                                  prior=[math.exp(p) for p in prior] if prior else None)
         temperature = request.version.option_temperature or 1.0
         for item, row in zip(scored, logprobs):
             item.candidates = rank_options(item.option_results, row, temperature)

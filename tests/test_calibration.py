@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from backend.app import create_app
-from backend.calibration import BatchCalibration, SharedBatchCalibration
+from backend.calibration import BatchCalibration, SharedBatchCalibration, prior_matched_bias
 from tests.conftest import flushed_redis, load_config, make_settings, redis_db
 
 REDIS_URL = redis_db(1)  # a database of its own, flushed per test
@@ -69,3 +69,20 @@ def test_redis_down_falls_back_to_the_process_estimate():
     rows = [("t1", [-0.1, -2.0]), ("t2", [-0.5, -1.0])]
     assert flat(calibration.calibrate(("p",), rows)) == pytest.approx(flat(BatchCalibration().calibrate(("p",), rows)))
     assert calibration._backoff.active()  # the next requests do not wait for Redis again
+
+
+def test_a_label_prior_is_matched_and_the_models_order_kept(redis):
+    """Weak-model rows (tiny margins, one option favoured by bias yet nobody chose it): each option is the top
+    one for its prior share of the tasks, and the tasks the model leans most towards A are the ones that get it."""
+    import random
+
+    rng = random.Random(0)
+    rows = [[rng.gauss(0, 0.1), rng.gauss(0, 0.1), rng.gauss(0.2, 0.1)] for _ in range(300)]
+    prior = [0.6, 0.38, 0.02]
+    for calibration in (BatchCalibration(), SharedBatchCalibration(redis)):
+        calibrated = calibration.calibrate(("p", "base", "c", ("A", "B", "N")), [(f"t{i}", r) for i, r in enumerate(rows)], prior)
+        picked = [row.index(max(row)) for row in calibrated]
+        assert [picked.count(j) / len(rows) for j in range(3)] == pytest.approx(prior, abs=0.02)
+        by_margin = sorted(range(len(rows)), key=lambda i: rows[i][0] - rows[i][1])
+        assert sum(picked[i] == 0 for i in by_margin[-60:]) >= 54 and sum(picked[i] == 0 for i in by_margin[:60]) <= 6
+    assert prior_matched_bias([[0.0, 0.0]], [0.5, 0.5]) == pytest.approx([0.0, 0.0])
