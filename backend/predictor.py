@@ -207,8 +207,8 @@ class Predictor:
         return _Scored(item, option_results=[control.to_results(o, text) for o in options], option_logprobs=logprobs)
 
     def _rank_options(self, request: PredictRequest, scored: list[_Scored]) -> None:
-        """Closed sets, once the whole batch is scored: calibrated and weighted by the project's label prior (base
-        model), or at the version's option temperature (a trained adapter), and ranked."""
+        """Closed sets, once the whole batch is scored: calibrated (base model; matched to the project's label prior
+        once it has annotations), or at the version's option temperature (a trained adapter), and ranked."""
         if not scored:
             return
         logprobs = [s.option_logprobs for s in scored]
