@@ -8,6 +8,7 @@ import math
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from . import metrics
@@ -238,17 +239,21 @@ class Predictor:
         return [[next(flat) for _ in task.candidates] if len(task.candidates or []) > 1 else None for task in scored]
 
     def _sample(self, request: PredictRequest, item: TaskInput) -> list[Candidate]:
+        """The greedy answer (the model's best guess, `greedy_candidate`) and samples for the other candidates."""
         config = request.config
         texts = item.texts
-        samples = self.engine.sample(
+        ask = partial(
+            self.engine.sample,
             build_messages(config, texts, request.instructions, item.images),
             config.schema(texts),
-            n=request.candidates,
-            temperature=request.temperature,
             max_tokens=min(self.settings.max_new_tokens, config.max_answer_chars(texts) + 8),
             model=request.version.adapter,
             usage=item.usage,
         )
+        greedy = 1 if self.settings.greedy_candidate else 0
+        samples = ask(n=1, temperature=0.0) if greedy else []
+        if request.candidates > greedy:
+            samples += ask(n=request.candidates - greedy, temperature=request.temperature)
         outcome = rank_samples(samples, lambda raw: config.parse(raw, texts))
         if outcome.invalid:
             metrics.INVALID_CANDIDATES.inc(outcome.invalid)

@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     # candidates
     candidates: int = Field(4, ge=1, le=32)  # N predictions per task
     temperature: float = Field(1.0, gt=0.0, le=2.0)
+    greedy_candidate: bool = True  # open outputs: one candidate is the greedy answer, the rest are sampled
     enumerate_max: int = Field(16, ge=0, le=20)  # closed sets up to this size are scored exhaustively (vLLM returns <= 20 logprobs)
     span_enumerate_max: int = Field(600, ge=0)  # NER: constrain entity strings to the text's n-grams
     max_text_chars: int = Field(50_000, ge=1)  # per data field; bigger tasks get 413

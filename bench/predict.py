@@ -18,8 +18,9 @@ Two comparisons, kept apart in the output:
 2. Speed-up over transformers on the same work (`speedup_vs_transformers`): Label Studio's example backend
    (label-studio-ml-backend examples/huggingface_llm) runs `generate` on one task after another in the
    backend process. Here: the same chat prompts as the recorded engine requests, one task after another,
-     * open outputs (`topics`): `generate(num_return_sequences=n, do_sample=True)` with the engine request's
-       n, temperature and max_tokens, versus our n constrained samples per task;
+     * open outputs (`topics`): per engine request of the task (the greedy answer, then the samples),
+       `generate(num_return_sequences=n)` with its n, temperature (0: greedy) and max_tokens, versus our
+       constrained greedy answer and samples per task;
      * closed label sets (`sentiment`): one greedy `generate` of an answer (max_new_tokens: the longest
        option's tokens + 1), versus our option scoring, which gives every option a probability.
    The ratio is /predict's median tasks/s over transformers' tasks/s.
@@ -172,21 +173,29 @@ class TransformersBaseline:
             longest = max(len(self.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in choices)
             options = {"do_sample": False, "max_new_tokens": longest + 1}
         else:
-            options = {"do_sample": True, "temperature": body.get("temperature", 1.0),
-                       "num_return_sequences": body.get("n", 1), "max_new_tokens": body["max_tokens"]}
+            temperature = body.get("temperature", 1.0)
+            options = {"do_sample": temperature > 0, "num_return_sequences": body.get("n", 1),
+                       "max_new_tokens": body["max_tokens"], **({"temperature": temperature} if temperature > 0 else {})}
         with self.torch.no_grad():
             self.model.generate(**inputs, pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **options)
 
     def time_tasks(self, bodies: list[list[dict]], repeats: int) -> list[float]:
-        """Seconds per pass over the tasks (each task: its first engine request's work)."""
+        """Seconds per pass over the tasks (each task: its sampling requests (the greedy answer and the samples),
+        or for a closed set its first option-scoring request)."""
         self.generate(bodies[0][0])  # warm-up
         times = []
         for _ in range(repeats):
             started = time.perf_counter()
             for task_bodies in bodies:
-                self.generate(task_bodies[0])
+                for body in _baseline_bodies(task_bodies):
+                    self.generate(body)
             times.append(time.perf_counter() - started)
         return times
+
+
+def _baseline_bodies(task_bodies: list[dict]) -> list[dict]:
+    sampling = [b for b in task_bodies if not (b.get("structured_outputs") or {}).get("choice")]
+    return sampling or task_bodies[:1]
 
 
 # --- the run ----------------------------------------------------------------------------------------

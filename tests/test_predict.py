@@ -130,3 +130,30 @@ def test_metrics_move_with_traffic(client):
     assert value("dataengine_candidates_total") >= before + 3
     assert 'dataengine_request_latency_seconds_count{endpoint="predict"}' in text
     assert "dataengine_invalid_candidates_total" in text
+
+
+@pytest.mark.parametrize("name", ["ner", "topics"])
+def test_the_greedy_answer_is_among_the_candidates(client, settings, engine_url, name):
+    """One candidate is the model's greedy answer (temperature 0), asked of the engine directly here; the
+    others are samples. Fails if every candidate is sampled (the random tiny model's samples differ from it)."""
+    from backend.candidates import canonical_key
+    from backend.engine_client import EngineClient
+    from backend.label_config import compile_label_config
+    from backend.prompts import build_messages
+
+    xml, tasks = load_config(name)
+    config = compile_label_config(xml, settings=settings)
+    engine = EngineClient(engine_url, TINY_NAME)
+    checked = 0
+    for task in tasks:
+        texts = config.read_task(task, settings.max_text_chars)
+        [greedy] = engine.sample(build_messages(config, texts), config.schema(texts), n=1, temperature=0.0,
+                                 max_tokens=min(settings.max_new_tokens, config.max_answer_chars(texts) + 8))
+        if greedy.finish_reason == "length":
+            continue  # a truncated answer is never a candidate
+        [predictions] = predict(client, xml, [task])
+        assert canonical_key(config.parse(greedy.text, texts)) in {canonical_key(p["result"]) for p in predictions}
+        [only] = predict(client, xml, [task], params={"extra_params": {"candidates": 1}})
+        assert [p["result"] for p in only] == [config.parse(greedy.text, texts)]
+        checked += 1
+    assert checked
