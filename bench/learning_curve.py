@@ -184,16 +184,16 @@ def run_curve(dataset: Dataset, choices: list[int], settings: Settings, max_held
 
 
 def heldout_rows(ranking) -> list[dict]:
-    """Per held-out task of a closed set: the options in served order with the policy's log-probability, the
-    served score and the reward model's score, and which one the human chose: enough to study confidence
-    measures offline without ranking again."""
+    """Per held-out task of a closed set: the options (canonical keys) in served order with the policy's
+    log-probability, the served score and the reward model's score, and which one the human chose: enough to
+    study confidence measures offline (across rounds too) without ranking again."""
     from backend.candidates import canonical_key
 
     rows = []
     for task, ranked in zip(ranking.tasks, ranking.ranked):
         keys = [c.key for c in ranked.candidates]
         human = canonical_key(task.human_result)
-        rows.append({"id": task.task.get("id"), "human": keys.index(human) if human in keys else None,
+        rows.append({"id": task.task.get("id"), "human": keys.index(human) if human in keys else None, "options": keys,
                      "logprob": [c.mean_logprob for c in ranked.candidates], "score": [c.score for c in ranked.candidates],
                      "reward": ranked.rewards})
     return rows
