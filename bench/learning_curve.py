@@ -177,6 +177,7 @@ def run_curve(dataset: Dataset, choices: list[int], settings: Settings, max_held
             "policy_training": _policy_metrics(settings, project, outcome.get("version")),
             "heldout_rows": None if ranking.has_spans else heldout_rows(ranking),
         }
+        point["policy_label_auroc"] = None if ranking.has_spans else label_auroc(point["heldout_rows"])
         points.append(point)
         print(json.dumps(_summary(point)), file=sys.stderr, flush=True)
     return {"task": dataset.name, "heldout_tasks": len(eval_tasks), "points": points,
@@ -197,6 +198,22 @@ def heldout_rows(ranking) -> list[dict]:
                      "logprob": [c.mean_logprob for c in ranked.candidates], "score": [c.score for c in ranked.candidates],
                      "reward": ranked.rewards})
     return rows
+
+
+def label_auroc(rows: list[dict]) -> float | None:
+    """Does the policy's score of a label rank the tasks whose human chose it above the others (one-vs-rest,
+    averaged over labels)? A different question from the confidence AUROC, which asks whether the top
+    candidate's score tells a right top-1 from a wrong one."""
+    from training.evaluate import auroc
+
+    per_label = {}
+    for label in {key for row in rows for key in row["options"]}:
+        scored = [(row["logprob"][row["options"].index(label)] - max(lp for k, lp in zip(row["options"], row["logprob"]) if k != label),
+                   float(row["human"] is not None and row["options"][row["human"]] == label))
+                  for row in rows if label in row["options"] and len(row["options"]) > 1]
+        per_label[label] = auroc([s for s, _ in scored], [y for _, y in scored])
+    values = [v for v in per_label.values() if v is not None]
+    return round(sum(values) / len(values), 4) if values else None
 
 
 def predictions_of(settings: Settings, xml: str, version, tasks: list[dict]) -> list[list[dict]]:
@@ -230,7 +247,8 @@ def _summary(point: dict) -> dict:
     pick = lambda e: None if e is None else e.get(metric)  # noqa: E731
     return {"choices": point["choices"], f"served_{metric}": pick(point["served"]),
             f"policy_{metric}": pick(point["policy_only"]), f"rm_only_{metric}": pick(point["rm_only"]),
-            "confidence_auroc": point["served"].get("confidence_auroc"), "round_seconds": point["round_seconds"],
+            "confidence_auroc": point["served"].get("confidence_auroc"), "policy_label_auroc": point.get("policy_label_auroc"),
+            "round_seconds": point["round_seconds"],
             "promoted": point["promoted"]}
 
 

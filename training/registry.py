@@ -146,6 +146,9 @@ class Registry:
         staged.rename(final)
         return record
 
+    def version_dir(self, name: str) -> Path:
+        return self.root / VERSIONS_DIR / name
+
     def update(self, record: VersionRecord) -> None:
         """Rewrite a published version's record (what the gate learned about it: its blend, its evaluation)."""
         atomic_write_json(self.root / VERSIONS_DIR / record.name / "version.json", asdict(record))

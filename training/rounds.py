@@ -41,6 +41,7 @@ from .evaluate import (
     score_ranking, with_option_temperature,
 )
 from .export import ProjectExport
+from .heldout_cache import RankingContext, rank_heldout_reusing, save_ranking
 from .preferences import DerivedData, PreferencePair, SftExample
 from .registry import Registry, VersionRecord, adapter_name_for, publish_adapter, unpublish_adapter
 from .snapshot import SnapshotInfo
@@ -353,7 +354,7 @@ def _gate(inputs: RoundInputs, kind: ProjectKind, registry: Registry, record: Ve
         candidate_eval, current_eval = evaluate_pairs(record.serving(), heldout), evaluate_pairs(current, heldout)
         heldout_report = {"pair_accuracy": {"candidate": candidate_eval.pair_accuracy, "current": current_eval.pair_accuracy}}
     else:
-        candidate_eval, current_eval, heldout_report = _score_versions(inputs, kind.answers, record, current, settings)
+        candidate_eval, current_eval, heldout_report = _score_versions(inputs, kind.answers, registry, record, current, settings)
     decision = compare(candidate_eval, current_eval, settings.promote_margin, settings.eval_min_tasks)
     evaluation = {"candidate": candidate_eval.as_dict(), "current": current_eval.as_dict(), "test": decision.test}
     record = replace(record, rm_weight=candidate_eval.rm_weight, option_temperature=heldout_report.get("option_temperature"),
@@ -369,17 +370,21 @@ def _gate(inputs: RoundInputs, kind: ProjectKind, registry: Registry, record: Ve
             "heldout": heldout_report}
 
 
-def _score_versions(inputs: RoundInputs, config: CompiledConfig, record: VersionRecord, current: ServingVersion,
-                    settings: Settings):
-    """The current version as served and the candidate's stages, all on the same held-out tasks."""
+def _score_versions(inputs: RoundInputs, config: CompiledConfig, registry: Registry, record: VersionRecord,
+                    current: ServingVersion, settings: Settings):
+    """The current version as served and the candidate's stages, all on the same held-out tasks. The current
+    version's ranking of the tasks its own gate ranked is read back (training/heldout_cache.py)."""
     tasks = {t["id"]: t for t in inputs.exported.tasks}
     heldout = [EvalTask(tasks[s.task_id], s.result) for s in inputs.derived.sft if is_heldout(s.task_id) and s.task_id in tasks]
     instructions = inputs.exported.instructions
     engine = EngineClient.from_settings(settings, batch=True)
     try:
-        current_eval = score_ranking(rank_heldout(settings, config, current, heldout, instructions, engine))
+        context = RankingContext(settings, config, inputs.exported.label_config, instructions, engine.served_model_path())
+        current_ranking, reused = rank_heldout_reusing(context, current, registry.version_dir(current.name), heldout, engine)
+        current_eval = score_ranking(current_ranking)
         candidate = rank_heldout(settings, config, record.serving(), heldout, instructions, engine)
-        report: dict[str, Any] = {"tasks": candidate_tasks(candidate), "current": _brief(current_eval)}
+        save_ranking(registry.version_dir(record.name), candidate, context, record.serving())
+        report: dict[str, Any] = {"tasks": candidate_tasks(candidate), "current": {**_brief(current_eval), "reused_tasks": reused}}
         if record.adapter_path and config.enumerable_control(settings.enumerate_max) is not None:
             report["option_temperature"] = fit_option_temperature(candidate)
             candidate = with_option_temperature(candidate, report["option_temperature"])
