@@ -55,8 +55,8 @@ from tests.conftest import run_backend  # noqa: E402
 WORKLOADS = {
     "sentiment": "closed label set: /predict scores every option (choice-constrained 1-token requests); "
                  "transformers generates one answer greedily",
-    "topics": "open output: /predict draws n JSON-schema-constrained samples in one request; "
-              "transformers generates n unconstrained samples (num_return_sequences)",
+    "topics": "open output: /predict asks for the JSON-schema-constrained greedy answer, then n-1 constrained samples "
+              "(DATAENGINE_GREEDY_CANDIDATE); transformers generates the same, unconstrained",
 }
 TARGET_RATIO = 0.95
 TARGET_SPEEDUP = 5.0
