@@ -94,3 +94,10 @@ def test_a_batch_calibrated_ranking_is_never_stored(settings, engine, tmp_path):
     save_ranking(tmp_path, rank_heldout(settings, context.config, VERSION, tasks, engine=engine), context, VERSION)
     assert not (tmp_path / CACHE_FILE).exists()
     assert rank_heldout_reusing(context, VERSION, tmp_path, tasks, engine)[1] == 0
+
+
+def test_image_rankings_are_never_stored(settings):
+    """An image task holds the image's URL: the bytes behind it may change, so its ranking is not read back."""
+    xml, _ = load_config("image_classification")
+    assert not context_for(settings, xml).is_per_task(VERSION)
+    assert context_for(settings, load_config("ner")[0]).is_per_task(VERSION)

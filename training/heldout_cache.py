@@ -3,14 +3,15 @@
 Each gate ranks the current version and the candidate on the project's held-out tasks. The next round's current
 version is this round's candidate, and most of its held-out tasks are the same, so the gate reads back the
 candidate's ranking of the tasks it has already seen and asks the engine only for the tasks that are new since.
-On 2 cores that is most of a gate's cost: a NER gate ranked about 170 held-out sentences per version with n=4
-constrained samples, about 8 minutes each.
+That halves the gate's engine work: on 2 cores a NER gate ranked about 170 held-out sentences per version with
+n=4 constrained samples, about 8 minutes each.
 
 What is stored is the ranking as the engine gave it, before the gate fitted the version's option temperature:
 reading it back applies the version's own temperature and blend, exactly as `rank_heldout` would. A ranking
 that depends on the batch it came in (a closed set on a version without an adapter is calibrated over the
-batch, `backend/calibration.py`) is never stored, and a change to anything the ranking depends on (the label
-config, the instructions, the sampling settings, the engine's model) makes the stored one unusable.
+batch, `backend/calibration.py`) or that reads images (a task holds the image's URL, not its bytes) is never
+stored, and a change to anything the ranking depends on (the label config, the instructions, the sampling
+settings, the engine's model) makes the stored one unusable.
 """
 from __future__ import annotations
 
@@ -53,9 +54,11 @@ class RankingContext:
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
     def is_per_task(self, version: ServingVersion) -> bool:
-        """False where a task's ranking depends on the rest of its batch: batch calibration of a closed set."""
+        """Whether a task's ranking depends only on the task's data: not when a closed set is calibrated over its
+        batch, and not for images (the data holds a URL, whose bytes may change)."""
         closed = self.config.enumerable_control(self.settings.enumerate_max) is not None
-        return not (closed and not version.adapter and self.settings.calibration == "batch")
+        batch_calibrated = closed and not version.adapter and self.settings.calibration == "batch"
+        return not (batch_calibrated or self.config.image_objects)
 
 
 def task_key(task: dict[str, Any]) -> str:
