@@ -206,13 +206,18 @@ def label_auroc(rows: list[dict]) -> float | None:
     candidate's score tells a right top-1 from a wrong one."""
     from training.evaluate import auroc
 
-    per_label = {}
+    def margin(row: dict, label: str) -> float:  # the label's log-probability over the best other option's
+        scores = dict(zip(row["options"], row["logprob"]))
+        return scores[label] - max(v for k, v in scores.items() if k != label)
+
+    def chosen(row: dict, label: str) -> float:
+        return float(row["human"] is not None and row["options"][row["human"]] == label)
+
+    values = []
     for label in {key for row in rows for key in row["options"]}:
-        scored = [(row["logprob"][row["options"].index(label)] - max(lp for k, lp in zip(row["options"], row["logprob"]) if k != label),
-                   float(row["human"] is not None and row["options"][row["human"]] == label))
-                  for row in rows if label in row["options"] and len(row["options"]) > 1]
-        per_label[label] = auroc([s for s, _ in scored], [y for _, y in scored])
-    values = [v for v in per_label.values() if v is not None]
+        scored = [row for row in rows if label in row["options"] and len(row["options"]) > 1]
+        values.append(auroc([margin(r, label) for r in scored], [chosen(r, label) for r in scored]))
+    values = [v for v in values if v is not None]
     return round(sum(values) / len(values), 4) if values else None
 
 

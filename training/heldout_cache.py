@@ -49,8 +49,9 @@ class RankingContext:
 
     def fingerprint(self) -> str:
         s = self.settings
-        parts = [self.label_config, self.instructions, self.engine_model, s.candidates, s.temperature, s.greedy_candidate,
-                 s.max_new_tokens, s.enumerate_max, s.max_text_chars, s.calibration]
+        compiled = [s.textarea_max_chars, s.max_entities, s.span_enumerate_max]  # what compile_label_config reads
+        sampled = [s.candidates, s.temperature, s.greedy_candidate, s.max_new_tokens, s.enumerate_max, s.max_text_chars]
+        parts = [self.label_config, self.instructions, self.engine_model, s.engine_dtype, s.calibration, *compiled, *sampled]
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
     def is_per_task(self, version: ServingVersion) -> bool:
@@ -95,15 +96,16 @@ def rank_heldout_reusing(context: RankingContext, version: ServingVersion, versi
     """The version's held-out ranking, read back for the tasks its own gate ranked, from the engine for the rest;
     and how many tasks were read back. Same result as `rank_heldout` on all the tasks."""
     stored = load_ranking(version_dir, context, version)
-    missing = [t for t in tasks if task_key(t.task) not in stored]
-    fresh = rank_heldout(context.settings, context.config, version, missing, context.instructions, engine)
-    kept = [(t, stored[task_key(t.task)]) for t in tasks if task_key(t.task) in stored]
-    reused = with_option_temperature(
+    keys = [task_key(t.task) for t in tasks]
+    fresh = rank_heldout(context.settings, context.config, version, [t for t, k in zip(tasks, keys) if k not in stored],
+                         context.instructions, engine)
+    kept = [(t, stored[k]) for t, k in zip(tasks, keys) if k in stored]
+    read_back = with_option_temperature(
         HeldoutRanking(version.name, [t for t, _ in kept], [r for _, r in kept], 0, fresh.has_spans, fresh.default_weight),
         version.option_temperature,
     )
-    by_task = {id(t): r for t, r in zip(reused.tasks + fresh.tasks, reused.ranked + fresh.ranked)}
-    ordered = [t for t in tasks if id(t) in by_task]
+    by_task = {id(t): r for t, r in zip(read_back.tasks + fresh.tasks, read_back.ranked + fresh.ranked)}
+    ordered = [t for t in tasks if id(t) in by_task]  # task order; tasks the engine could not predict are left out
     merged = HeldoutRanking(version.name, ordered, [by_task[id(t)] for t in ordered], fresh.failed, fresh.has_spans,
                             fresh.default_weight)
     return merged, len(kept)

@@ -127,7 +127,7 @@ class Registry:
                        metrics: dict[str, Any], engine_model: str | None = None) -> VersionRecord:
         """Publish a staged version directory under its final name (one rename); its adapter, if any, is entered
         for the engines first (`publish_adapter`, `engine_model` as there)."""
-        final = self.root / VERSIONS_DIR / name
+        final = self.version_dir(name)
         has_adapter = (staged / "adapter").exists()
         record = VersionRecord(
             name=name,
@@ -151,18 +151,18 @@ class Registry:
 
     def update(self, record: VersionRecord) -> None:
         """Rewrite a published version's record (what the gate learned about it: its blend, its evaluation)."""
-        atomic_write_json(self.root / VERSIONS_DIR / record.name / "version.json", asdict(record))
+        atomic_write_json(self.version_dir(record.name) / "version.json", asdict(record))
 
     def discard(self, record: VersionRecord) -> None:
         """Remove a version that was never promoted (its round failed after publishing it): a retried round must
         not leave one orphan version, reward models and all, per attempt."""
         if record.name != self.current_name():
-            shutil.rmtree(self.root / VERSIONS_DIR / record.name, ignore_errors=True)
+            shutil.rmtree(self.version_dir(record.name), ignore_errors=True)
             if record.adapter_name:
                 unpublish_adapter(self.adapters_dir, record.adapter_name)
 
     def get(self, name: str) -> VersionRecord | None:
-        data = read_version_record(self.root / VERSIONS_DIR / name)
+        data = read_version_record(self.version_dir(name))
         return VersionRecord(**data) if data else None
 
     def current_name(self) -> str | None:

@@ -391,7 +391,7 @@ def _score_versions(inputs: RoundInputs, config: CompiledConfig, registry: Regis
         sft_stage = Path(record.adapter_path or "").parent / STAGE_DIR / "sft"
         if record.adapter_path and sft_stage.is_dir():
             stage = ServingVersion(f"{record.name}-sft", adapter_name_for(f"{record.name}-sft", sft_stage), str(sft_stage))
-            publish_adapter(settings.adapters_dir, stage.adapter, sft_stage, engine.served_model_path())
+            publish_adapter(settings.adapters_dir, stage.adapter, sft_stage, context.engine_model)
             report["policy_after_sft"] = _brief(score_ranking(rank_heldout(settings, config, stage, heldout, instructions, engine)))
     finally:
         engine.close()
