@@ -14,6 +14,9 @@ labels that annotation chose per control (`{"sentiment": ["Positive"]}`). The we
 ANNOTATIONS_DELETED removes it), so an edit or a delete never counts twice; the totals are kept beside it by
 the same Lua script. Trained versions do not use it: their adapter learned the project's labels, prior
 included. A Redis failure means no prior (logged), never a failed /predict or webhook.
+
+Label Studio never resends a webhook it failed to deliver, and this Redis may keep nothing on disk, so every
+training round also brings the counts in line with the export it reads (`LabelPriors.sync_from_export`).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -37,6 +40,7 @@ MAX_REGIONS = 64  # regions read per annotation
 MAX_NAME_CHARS = 200  # control names and labels longer than this are not counted
 UPSERT_ACTIONS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"}
 DELETE_ACTIONS = {"ANNOTATIONS_DELETED"}
+APPLY_CHUNK = 1000  # annotations per script call: a whole export at once would block Redis for its length
 
 
 def label_prior_key(project: str, *parts: str) -> str:
@@ -97,6 +101,25 @@ def update_from_webhook(project: str, payload: dict[str, Any]) -> PriorUpdate:
     return PriorUpdate(project, entries)
 
 
+def update_from_export(project: str, tasks: list[dict[str, Any]], counted: Iterable[int]) -> PriorUpdate:
+    """The change that brings a project's counts in line with an export of its tasks: every exported
+    annotation's labels (a skipped one chose nothing), and forgetting the `counted` annotations the export does
+    not hold, deleted while their webhook was lost. A counted annotation newer than the export's newest (Label
+    Studio's annotation ids only grow) was created after the export was read, and is kept."""
+    entries: dict[int, dict[str, list[str]] | None] = {}
+    for task in tasks:
+        for annotation in task.get("annotations") or [] if isinstance(task, dict) else []:
+            annotation_id = annotation.get("id") if isinstance(annotation, dict) else None
+            if isinstance(annotation_id, bool) or not isinstance(annotation_id, int):
+                continue
+            entries[annotation_id] = None if annotation.get("was_cancelled") else chosen_labels(annotation.get("result")) or None
+    newest = max(entries, default=0)
+    for annotation_id in counted:
+        if annotation_id <= newest and annotation_id not in entries:
+            entries[annotation_id] = None
+    return PriorUpdate(project, entries)
+
+
 # KEYS: annotation id -> its count fields (JSON list), field -> count. ARGV: the cap, then per annotation its id
 # and its new count fields ("" to forget it). An annotation's old fields are taken back before its new ones count.
 _APPLY = """
@@ -137,16 +160,28 @@ class LabelPriors:
 
     def apply(self, update: PriorUpdate) -> None:
         """Write a webhook's change. Bookkeeping: Redis trouble is logged, never raised."""
-        if not update.entries:
-            return
-        args: list = [MAX_ANNOTATIONS]
-        for annotation_id, labels in update.entries.items():
-            args += [str(annotation_id), _count_fields(labels)]
         keys = [label_prior_key(update.project), label_prior_key(update.project, "counts")]
+        entries = list(update.entries.items())
         try:
-            self._apply(keys=keys, args=args)
+            for start in range(0, len(entries), APPLY_CHUNK):
+                args: list = [MAX_ANNOTATIONS]
+                for annotation_id, labels in entries[start:start + APPLY_CHUNK]:
+                    args += [str(annotation_id), _count_fields(labels)]
+                self._apply(keys=keys, args=args)
         except RedisError as exc:
             log.warning("label prior of project %s not updated: %s", update.project, exc)
+
+    def sync_from_export(self, project: str, tasks: list[dict[str, Any]]) -> None:
+        """Make the counts what a fresh export of the project says (`update_from_export`): webhooks Label
+        Studio failed to deliver, or a Redis that lost its data, leave them wrong until then. An annotation edited
+        between the export and this call keeps its exported labels until the next round or edit. Bookkeeping:
+        Redis trouble is logged, never raised."""
+        try:
+            counted = [int(field) for field in self.redis.hkeys(label_prior_key(project))]
+        except RedisError as exc:
+            log.warning("label prior of project %s not synced with its export: %s", project, exc)
+            return
+        self.apply(update_from_export(project, tasks, counted))
 
     def for_prediction(self, project: str, config, version, enumerate_max: int) -> dict[str, Counter]:
         """The counts a prediction uses: only for a closed label set on the untrained model (else none, unread)."""

@@ -8,7 +8,7 @@ import pytest
 
 from backend.app import create_app
 from backend.label_config import compile_label_config
-from backend.label_prior import LabelPriors, PriorUpdate, chosen_labels, label_prior_key, log_prior
+from backend.label_prior import LabelPriors, PriorUpdate, chosen_labels, label_prior_key, log_prior, update_from_export
 from backend.registry import ServingVersion
 from tests.conftest import flushed_redis, load_config, make_settings, redis_db
 
@@ -76,6 +76,43 @@ def test_past_the_cap_new_annotations_are_not_counted_but_known_ones_still_chang
     assert priors.counts("8") == {"s": {"A": 2}}
     priors.apply(PriorUpdate("8", {2: {"s": ["B"]}, 1: None}))
     assert priors.counts("8") == {"s": {"B": 1}}
+
+
+def exported(*annotations):
+    """Label Studio's export of tasks, one annotation each: (annotation id, label, extra fields)."""
+    return [{"id": 1000 + i, "annotations": [{"id": i, "result": choice(label), **extra}]} for i, label, extra in annotations]
+
+
+def test_a_round_syncs_the_counts_with_the_export_webhooks_missed(redis):
+    """What Label Studio holds wins: an edit and a create whose webhooks were lost count as exported, a delete
+    whose webhook was lost is forgotten, a skipped annotation counts nothing, and an annotation created after
+    the export was read (a larger id than any exported) keeps its webhook's count."""
+    priors = LabelPriors(redis)
+    priors.apply(PriorUpdate("5", {1: {"sentiment": ["Positive"]}, 2: {"sentiment": ["Negative"]},
+                                   4: {"sentiment": ["Neutral"]}, 9: {"sentiment": ["Neutral"]}}))
+    export = exported((1, "Negative", {}), (3, "Positive", {}), (4, "Neutral", {"was_cancelled": True}), (5, "Positive", {}))
+    priors.sync_from_export("5", export)
+    assert priors.counts("5") == {"sentiment": {"Negative": 1, "Positive": 2, "Neutral": 1}}
+    assert sorted(int(k) for k in redis.hkeys(label_prior_key("5"))) == [1, 3, 5, 9]
+
+    redis.flushdb()  # this Redis keeps nothing on disk: a restart loses the counts, the next round restores them
+    priors.sync_from_export("5", export)
+    assert priors.counts("5") == {"sentiment": {"Negative": 1, "Positive": 2}}
+    priors.sync_from_export("5", export)  # syncing again changes nothing
+    assert priors.counts("5") == {"sentiment": {"Negative": 1, "Positive": 2}}
+
+
+def test_a_large_export_is_synced_in_chunks(redis, monkeypatch):
+    monkeypatch.setattr("backend.label_prior.APPLY_CHUNK", 7)
+    priors = LabelPriors(redis)
+    priors.sync_from_export("6", exported(*[(i, "Positive" if i % 3 else "Negative", {}) for i in range(1, 51)]))
+    assert priors.counts("6") == {"sentiment": {"Positive": 34, "Negative": 16}}
+
+
+def test_hostile_exports_are_skipped_not_counted():
+    tasks = [None, {"annotations": None}, {"annotations": [None, {"id": True}, {"id": "7"}, {"id": 8, "result": "x"}]},
+             {"annotations": [{"id": 2, "result": choice("Positive")}]}]
+    assert update_from_export("1", tasks, counted=[1, 9]).entries == {8: None, 2: {"sentiment": ["Positive"]}, 1: None}
 
 
 def test_hostile_results_are_skipped_not_counted():

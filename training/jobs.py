@@ -1,5 +1,5 @@
-"""RQ jobs: one training round per project (export -> derive -> snapshot -> [train -> evaluate ->
-promote]) and the periodic reconcile that catches triggers Label Studio never delivered: annotations
+"""RQ jobs: one training round per project (export -> label prior synced -> derive -> snapshot -> [train ->
+evaluate -> promote]) and the periodic reconcile that catches triggers Label Studio never delivered: annotations
 whose webhooks were lost (a training round) and, in ranking projects, imported tasks whose TASKS_CREATED
 was lost and so never got candidates (a prelabel job for those tasks).
 
@@ -19,6 +19,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import get_current_job
 
+from backend.label_prior import LabelPriors
 from backend.label_studio import client, credentials
 from backend.metrics import record_training_job
 from backend.protocol import PrelabelRequest
@@ -95,6 +96,7 @@ def _one_round(project: str, settings: Settings, redis: Redis) -> dict[str, Any]
     url, api_key = credentials(settings, WORKER_NEEDS_LABEL_STUDIO)
     report_progress("export", tasks=0)
     exported = export_project(url, api_key, project, progress=lambda n: report_progress("export", tasks=n))
+    LabelPriors(redis).sync_from_export(project, exported.tasks)
     report_progress("derive", tasks=len(exported.tasks))
     derived = derive(exported.tasks, exported.label_config, exported.instructions)
     project_dir = Path(settings.projects_dir) / project

@@ -12,12 +12,14 @@ import json
 import os
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
 import pytest
 from redis import Redis
 
+from backend.label_prior import LabelPriors, label_prior_key
 from tests.conftest import redis_db, run_backend
 from tests.e2e.conftest import create_connected_project, expect, retrieve_predictions, stored_predictions, wait_for
 from tests.e2e.tcp_proxy import TcpProxy
@@ -115,6 +117,19 @@ def test_annotations_become_a_snapshot_of_what_annotators_chose(trained_project,
     job = wait_for(finished_job, timeout=60, interval=0.5)  # the round goes on after the snapshot
     assert job, httpx.get(f"{stack['url']}/jobs", timeout=10).json()
     assert job["progress"]["stage"] == "skipped" and "DATAENGINE_MIN_PAIRS" in job["progress"]["reason"]  # 4 < 8
+
+
+def test_a_round_restores_the_label_prior_redis_lost(trained_project, stack):
+    """The label prior's counts come from webhooks, and this Redis keeps nothing on disk: after a restart
+    they are gone. The next round syncs them from what Label Studio holds."""
+    project_id = str(trained_project["project"].id)
+    expected = {"sentiment": Counter(pick["label"] for pick in trained_project["picks"].values())}
+    priors = LabelPriors(stack["redis"])
+    assert priors.counts(project_id) == expected  # the webhooks counted both annotations
+    stack["redis"].delete(label_prior_key(project_id), label_prior_key(project_id, "counts"))
+    assert priors.counts(project_id) == {}
+    wait_job(stack, start_training(stack, trained_project["project"].id), "finished")
+    assert priors.counts(project_id) == expected
 
 
 def test_label_studio_outage_is_retried(trained_project, stack):
