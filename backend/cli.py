@@ -77,6 +77,9 @@ def run_http_server(settings: Settings) -> None:
         interface=Interfaces.WSGI,
         workers=settings.workers,
         blocking_threads=settings.threads,
+        # without it, one worker that misses the stop request (a Ctrl-C that lands while it still builds its app)
+        # keeps `serve` waiting for it for good
+        workers_kill_timeout=settings.workers_kill_timeout,
         log_level=LogLevels(settings.log_level.lower()),
         log_dictconfig=server_logconfig(settings.log_level, settings.log_format),
         log_access=True,

@@ -120,6 +120,7 @@ class Settings(BaseSettings):
     # HTTP server
     workers: int = Field(2, ge=1)
     threads: int = Field(8, ge=1)
+    workers_kill_timeout: int = Field(30, ge=1)  # s a stopping HTTP worker gets before it is killed
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     log_level: str = "INFO"
     log_format: str = Field("text", pattern="^(text|json)$")  # json: one JSON object per log line
