@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 from tests.conftest import run_backend
@@ -22,7 +23,9 @@ def granian_workers(pid: int) -> list[int]:
 def test_serve_exits_although_a_worker_misses_the_stop_request(tmp_path, engine_url):
     log = tmp_path / "serve.log"
     with run_backend(engine_url, tmp_path / "model_dir", log, {"DATAENGINE_WORKERS_KILL_TIMEOUT": "3"}) as (_, proc):
-        workers = granian_workers(proc.pid)
+        deadline = time.monotonic() + 60
+        while len(workers := granian_workers(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)  # /health answers once one worker is up; the other may still be starting
         assert len(workers) == 2, workers
         os.kill(workers[0], signal.SIGSTOP)
         try:
