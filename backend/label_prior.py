@@ -92,13 +92,18 @@ def update_from_webhook(project: str, payload: dict[str, Any]) -> PriorUpdate:
         return PriorUpdate(project, entries)
     for annotation in annotations if isinstance(annotations, list) else []:
         annotation_id = annotation.get("id") if isinstance(annotation, dict) else annotation
-        if isinstance(annotation_id, bool) or not isinstance(annotation_id, int):
-            continue
-        if action in DELETE_ACTIONS or annotation.get("was_cancelled"):
-            entries[annotation_id] = None
-        else:
-            entries[annotation_id] = chosen_labels(annotation.get("result")) or None
+        if _is_annotation_id(annotation_id):
+            entries[annotation_id] = None if action in DELETE_ACTIONS else _entry(annotation)
     return PriorUpdate(project, entries)
+
+
+def _is_annotation_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry(annotation: dict[str, Any]) -> dict[str, list[str]] | None:
+    """What an annotation counts: its closed-set labels; nothing when it was skipped."""
+    return None if annotation.get("was_cancelled") else chosen_labels(annotation.get("result")) or None
 
 
 def update_from_export(project: str, tasks: list[dict[str, Any]], counted: Iterable[int]) -> PriorUpdate:
@@ -110,9 +115,8 @@ def update_from_export(project: str, tasks: list[dict[str, Any]], counted: Itera
     for task in tasks:
         for annotation in task.get("annotations") or [] if isinstance(task, dict) else []:
             annotation_id = annotation.get("id") if isinstance(annotation, dict) else None
-            if isinstance(annotation_id, bool) or not isinstance(annotation_id, int):
-                continue
-            entries[annotation_id] = None if annotation.get("was_cancelled") else chosen_labels(annotation.get("result")) or None
+            if _is_annotation_id(annotation_id):
+                entries[annotation_id] = _entry(annotation)
     newest = max(entries, default=0)
     for annotation_id in counted:
         if annotation_id <= newest and annotation_id not in entries:
@@ -159,7 +163,7 @@ class LabelPriors:
         self._backoff = RedisBackoff()
 
     def apply(self, update: PriorUpdate) -> None:
-        """Write a webhook's change. Bookkeeping: Redis trouble is logged, never raised."""
+        """Write a change (a webhook's, or an export sync's). Bookkeeping: Redis trouble is logged, never raised."""
         keys = [label_prior_key(update.project), label_prior_key(update.project, "counts")]
         entries = list(update.entries.items())
         try:

@@ -1,6 +1,6 @@
 """`dataengine serve` exits when stopped even if an HTTP worker does not: granian kills a worker that has not
 stopped DATAENGINE_WORKERS_KILL_TIMEOUT seconds after the stop request. Before, a Ctrl-C that reached a granian
-worker while it was still building its app (seen about half the time 4-5 s after `make run` started) left
+worker while it was still building its app (3 of 4 tries 4-5 s after start with the RQ worker on) left
 that worker running and `serve` waiting on it for good, a second Ctrl-C included. The race itself is timing;
 here a worker is made to miss the stop request for sure by stopping it (SIGSTOP) first, on the real server."""
 from __future__ import annotations
