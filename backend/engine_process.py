@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from .hardware import engine_dtype
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ class EngineProcess:
             "--served-model-name", s.model_name,
             "--host", "127.0.0.1",
             "--port", str(s.engine_port),
-            "--dtype", s.engine_dtype,
+            "--dtype", engine_dtype(s.engine_dtype),
             "--max-model-len", str(s.engine_max_model_len),
             "--block-size", str(s.engine_block_size),
             "--enable-lora", "--max-lora-rank", str(s.max_lora_rank),

@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .hardware import ENGINE_DTYPES
 from .registry import ADAPTERS_DIR
 
 
@@ -52,7 +53,7 @@ class Settings(BaseSettings):
     engine_url: str = ""  # an existing vLLM OpenAI server; empty: `dataengine serve` starts one
     engine_python: str = Field(default_factory=_default_engine_python)
     engine_port: int = 8000
-    engine_dtype: str = "bfloat16"
+    engine_dtype: str = Field("auto", pattern="^(" + "|".join(ENGINE_DTYPES) + ")$")  # auto: bfloat16 where native (hardware.engine_dtype)
     engine_max_model_len: int = 4096
     # KV-cache block size. vLLM on CPU defaults to 128, and only whole blocks are prefix-cached: a closed set's
     # follow-up request (the shared prefix of Negative/Neutral) then re-reads its whole ~120-token prompt

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 from backend.settings import Settings  # noqa: E402
 from training.policy import PolicySettings, train_policy  # noqa: E402
 from training.preferences import derive  # noqa: E402
-from training.trainer_defaults import native_bf16  # noqa: E402
+from backend.hardware import native_bf16  # noqa: E402
 
 
 def sft_examples(tasks: int) -> list:

@@ -110,7 +110,7 @@ def test_policy_precision_follows_the_setting(tiny_model_dir, tmp_path, config):
 
     from tests.conftest import make_settings
     from training.rounds import PRECISIONS
-    from training.trainer_defaults import native_bf16
+    from backend.hardware import native_bf16
 
     sft = _sft(config, _reviews(0, 4))
     runs = {}

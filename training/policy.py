@@ -32,12 +32,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+from backend.hardware import native_bf16
 from backend.settings import POLICY_ALGOS
 
 from .distributed import is_main_process, per_device_batch
 from .lora_io import LoraShape, PolicyTrainingError, load_with_adapter, save_adapter
 from .preferences import PreferencePair, SftExample
-from .trainer_defaults import ProgressFn, TrainingLog, base_args, build_trainer, native_bf16
+from .trainer_defaults import ProgressFn, TrainingLog, base_args, build_trainer
 
 ALGOS = POLICY_ALGOS
 

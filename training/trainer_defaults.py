@@ -51,18 +51,6 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def native_bf16() -> bool:
-    """bf16 matrix multiplies run natively here: a CUDA GPU that has them, or a CPU with AVX512-BF16 or AMX tiles.
-    On such a CPU the policy's LoRA SFT on SmolLM2-135M takes about half the time of fp32 per step; elsewhere
-    bf16 is emulated and slower than fp32."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own checks (private, hence getattr)
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-
-
 @dataclass
 class TrainingLog:
     """Every log a trainer writes, in order, each forwarded to `progress` as `{**label, "step", "max_steps",
