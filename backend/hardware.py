@@ -9,7 +9,7 @@ ENGINE_DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float")  # w
 @lru_cache(maxsize=1)
 def native_bf16() -> bool:
     """bf16 matrix multiplies run natively here: a CUDA GPU that has them, or a CPU with AVX512-BF16 or AMX tiles.
-    Elsewhere bf16 is emulated and slower than fp32: on an AVX2-only CPU the engine scored closed-set tasks 6x
+    Elsewhere bf16 is emulated and slower than fp32: on an AVX2-only CPU the engine scored closed-set tasks 5x
     slower in bf16 than in fp32, and on an AVX512-BF16 CPU the policy's SFT step took about half the time of fp32."""
     import torch
 

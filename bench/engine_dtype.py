@@ -26,17 +26,24 @@ sys.path.insert(0, str(REPO))
 from backend.engine_client import EngineClient  # noqa: E402
 from backend.engine_process import EngineProcess  # noqa: E402
 from backend.hardware import native_bf16  # noqa: E402
+from backend.label_config import compile_label_config  # noqa: E402
+from backend.prompts import build_choice_messages, option_answer  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from bench.common import resolve_model, sample_texts  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
-OPTIONS = ["Positive", "Negative"]
+CONFIG = compile_label_config(
+    '<View><Text name="text" value="$text"/><Choices name="sentiment" toName="text">'
+    '<Choice value="Positive"/><Choice value="Negative"/></Choices></View>'
+)
+CONTROL = CONFIG.enumerable_control(16)
+OPTIONS = CONTROL.options()
 
 
 def messages(text: str) -> list[dict]:
-    return [{"role": "user", "content": f"Review: {text}\n\nWhich option fits \"sentiment\" best?\n- Positive\n- Negative\n\n"
-                                        "Answer with the option only."}]
+    """The prompt /predict scores a closed set with."""
+    return build_choice_messages(CONFIG, {CONTROL.target.name: text}, CONTROL, [CONTROL.describe_option(o) for o in OPTIONS])
 
 
 def measure(model: str, name: str, dtype: str, texts: list[str], repeats: int, concurrency: int, workdir: Path) -> dict:
@@ -46,7 +53,7 @@ def measure(model: str, name: str, dtype: str, texts: list[str], repeats: int, c
     url = process.start()
     start_seconds = time.monotonic() - started
     client = EngineClient.from_settings(Settings(model=model, served_model_name=name, engine_url=url), batch=True)
-    score = lambda text: client.score_options(messages(text), OPTIONS)  # noqa: E731
+    score = lambda text: client.score_options(messages(text), [option_answer(o) for o in OPTIONS])  # noqa: E731
     rates = []
     try:
         with ThreadPoolExecutor(concurrency) as pool:

@@ -20,10 +20,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from backend.hardware import native_bf16  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from training.policy import PolicySettings, train_policy  # noqa: E402
 from training.preferences import derive  # noqa: E402
-from backend.hardware import native_bf16  # noqa: E402
 
 
 def sft_examples(tasks: int) -> list:

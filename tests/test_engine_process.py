@@ -52,7 +52,7 @@ def _dtype(command: list[str]) -> str:
 
 
 def test_engine_dtype_auto_is_bfloat16_only_where_the_host_runs_it_natively(tmp_path, monkeypatch):
-    """On an AVX2-only CPU the engine in bfloat16 scored closed-set tasks 6x slower than in float32: `auto` (the
+    """On an AVX2-only CPU the engine in bfloat16 scored closed-set tasks 5x slower than in float32: `auto` (the
     default) must not hand vLLM an emulated dtype. An explicit dtype is passed as set; a wrong one is refused."""
     from backend import hardware
 

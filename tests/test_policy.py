@@ -108,9 +108,9 @@ def test_sft_length_follows_the_data():
 def test_policy_precision_follows_the_setting(tiny_model_dir, tmp_path, config):
     from pydantic import ValidationError
 
+    from backend.hardware import native_bf16
     from tests.conftest import make_settings
     from training.rounds import PRECISIONS
-    from backend.hardware import native_bf16
 
     sft = _sft(config, _reviews(0, 4))
     runs = {}
