@@ -115,6 +115,7 @@ class Settings(BaseSettings):
     min_pairs: int = Field(8, ge=1)  # fewer preference pairs than this: no training this round
     promote_margin: float = Field(0.0, ge=0.0, le=1.0)  # candidate may be this much worse and still promote
     eval_min_tasks: int = Field(5, ge=0)  # fewer held-out tasks: promote without an evaluation (recorded)
+    eval_max_tasks: int = Field(200, ge=0)  # held-out tasks the gate ranks per version, 0 = all (training/evaluate.gate_sample)
     train_processes: int = Field(1, ge=1)  # >1: a round's training runs under `accelerate launch` (training/launch.py)
     accelerate_config: str = ""  # an accelerate config file (FSDP, DeepSpeed ZeRO ...) for launched rounds
 

@@ -11,8 +11,8 @@ import pytest
 from backend.candidates import Candidate
 from backend.predictor import RankedTask
 from training.evaluate import (
-    EvalTask, Evaluation, HeldoutRanking, choose_rm_weight, compare, fit_option_temperature, mcnemar_exact, paired_test,
-    score_ranking, with_option_temperature,
+    EvalTask, Evaluation, HeldoutRanking, choose_rm_weight, compare, fit_option_temperature, gate_sample, mcnemar_exact,
+    paired_test, score_ranking, with_option_temperature,
 )
 
 
@@ -171,3 +171,18 @@ def test_no_temperature_without_evidence():
     assert fit_option_temperature(closed_set_ranking([50.0] * 10, [True] * 9 + [False])) is None  # too few tasks
     ranking = closed_set_ranking([2.0] * 30, [True] * 27 + [False] * 3)
     assert with_option_temperature(ranking, None) is ranking
+
+
+def test_the_gate_sample_is_capped_stable_as_the_project_grows_and_blind_to_task_order():
+    """DATAENGINE_EVAL_MAX_TASKS: a big project's gate ranks a fixed-size sample of its held-out tasks, and the next
+    round's sample keeps every earlier task it still has room for, so the current version's ranking is read back."""
+    tasks = [EvalTask({"id": i, "data": {"text": str(i)}}, []) for i in range(1, 1001)]
+    earlier, later = gate_sample(tasks[:600], 50), gate_sample(tasks, 50)
+    assert len(earlier) == len(later) == 50
+    assert [t.task["id"] for t in earlier] == sorted(t.task["id"] for t in earlier)  # in the tasks' own order
+    earlier_ids = {t.task["id"] for t in earlier}
+    assert {t.task["id"] for t in later if t.task["id"] <= 600} <= earlier_ids  # no earlier task swapped for another
+    assert len(earlier_ids & {t.task["id"] for t in later}) >= 20  # 600 of 1,000 tasks: most of the sample stays
+    shuffled = random.Random(0).sample(tasks, len(tasks))
+    assert {t.task["id"] for t in gate_sample(shuffled, 50)} == {t.task["id"] for t in later}
+    assert gate_sample(tasks[:30], 50) == tasks[:30] and gate_sample(tasks, 0) == tasks

@@ -65,6 +65,16 @@ def test_a_held_out_task_the_engine_refuses_is_skipped_and_counted(tmp_path, eng
     assert outcome["evaluation"]["current"]["failed"] == 1
 
 
+def test_the_gate_ranks_at_most_eval_max_tasks_held_out_tasks(tmp_path, engine_url, tiny_rm_base):
+    tasks = exported_tasks(120)
+    heldout = [t["id"] for t in tasks if is_heldout(t["id"])]
+    settings = fast_settings(tmp_path, engine_url, tiny_rm_base).model_copy(update={"eval_max_tasks": 6})
+    assert len(heldout) > 12
+    outcome = learn(round_inputs(settings, "44", tasks), settings, lambda *a, **k: None)
+    assert outcome["heldout"]["tasks"] == {"scored": 6, "failed": 0}
+    assert outcome["evaluation"]["candidate"]["tasks"] == outcome["evaluation"]["current"]["tasks"] == 6
+
+
 def test_a_round_that_fails_in_the_gate_leaves_no_orphan_version(tmp_path, engine_url, tiny_rm_base, monkeypatch):
     settings = fast_settings(tmp_path, engine_url, tiny_rm_base)
 

@@ -57,6 +57,16 @@ class EvalTask:
     human_result: list[dict[str, Any]]
 
 
+def gate_sample(tasks: list[EvalTask], max_tasks: int) -> list[EvalTask]:
+    """At most `max_tasks` of the held-out tasks (0: all), in their order: those lowest on the task hash. The sample
+    is the same from one round to the next except where new tasks enter it, so each gate reads most of the current
+    version's ranking back (training/heldout_cache.py), and a task's place in it never depends on its position."""
+    if not max_tasks or len(tasks) <= max_tasks:
+        return tasks
+    kept = set(sorted(range(len(tasks)), key=lambda i: (heldout_unit(tasks[i].task.get("id")), i))[:max_tasks])
+    return [task for i, task in enumerate(tasks) if i in kept]
+
+
 @dataclass(frozen=True)
 class Evaluation:
     version: str

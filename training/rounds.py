@@ -37,8 +37,8 @@ from backend.registry import ServingVersion, VersionReader
 from backend.settings import Settings
 
 from .evaluate import (
-    EvalTask, HeldoutRanking, choose_rm_weight, compare, evaluate_pairs, fit_option_temperature, is_heldout, rank_heldout,
-    score_ranking, with_option_temperature,
+    EvalTask, HeldoutRanking, choose_rm_weight, compare, evaluate_pairs, fit_option_temperature, gate_sample, is_heldout,
+    rank_heldout, score_ranking, with_option_temperature,
 )
 from .export import ProjectExport
 from .heldout_cache import RankingContext, rank_heldout_reusing, save_ranking
@@ -375,7 +375,8 @@ def _score_versions(inputs: RoundInputs, config: CompiledConfig, registry: Regis
     """The current version as served and the candidate's stages, all on the same held-out tasks. The current
     version's ranking of the tasks its own gate ranked is read back (training/heldout_cache.py)."""
     tasks = {t["id"]: t for t in inputs.exported.tasks}
-    heldout = [EvalTask(tasks[s.task_id], s.result) for s in inputs.derived.sft if is_heldout(s.task_id) and s.task_id in tasks]
+    heldout = gate_sample([EvalTask(tasks[s.task_id], s.result) for s in inputs.derived.sft
+                           if is_heldout(s.task_id) and s.task_id in tasks], settings.eval_max_tasks)
     instructions = inputs.exported.instructions
     engine = EngineClient.from_settings(settings, batch=True)
     try:
