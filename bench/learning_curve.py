@@ -13,7 +13,10 @@ with the real vLLM engine; the engine hot-loads each promoted adapter. Held-out:
 split holds out (never trained on). After each round the served version is scored on them: top-1 (NER:
 span F1) as served, of the policy alone (reward model off), of the reward model alone, and the confidence
 AUROC of the top candidate's score (does the score tell a right top-1 from a wrong one). Choices 0 is the
-untrained model (calibrated, no training). Prints JSON and writes JSON + PNG to --out.
+untrained model (calibrated, no training). Round seconds: what the RQ job does once the project is exported
+(derive, snapshot, reward model, policy, gate), with each stage's share; the simulated annotators' pre-annotation
+of the round's new tasks (served by /predict while they label, not by the round) is timed on its own. Prints
+JSON and writes JSON + PNG to --out.
 
     .venv/bin/python bench/learning_curve.py                       # sentiment and NER at 0, 100, 400 choices
     .venv/bin/python bench/learning_curve.py --task sentiment --choices 0,100,400 --seed 1
@@ -149,18 +152,22 @@ def run_curve(dataset: Dataset, choices: list[int], settings: Settings, max_held
     exported_tasks: dict[int, dict] = {}  # what Label Studio would export: each task annotated once, when its turn came
     points = []
     for count in choices:
-        started = time.monotonic()
         outcome: dict[str, Any] = {}
+        clock = StageClock()
+        annotate_seconds = None
         if count:
             new = [t for t in pool[:count] + heldout if t["id"] not in exported_tasks]
+            annotating = time.monotonic()
             served = predictions_of(settings, dataset.config, reader.current(project), new)
+            annotate_seconds = round(time.monotonic() - annotating, 1)
             exported_tasks.update({t["id"]: dataset.annotate(t, p) for t, p in zip(new, served)})
+            clock = StageClock()  # the round: what the RQ job does once Label Studio has exported the project
             tasks = [exported_tasks[t["id"]] for t in pool[:count] + heldout]
             derived = derive(tasks, dataset.config)
             snapshot = write_snapshot(settings.projects_dir / project, derived, {"source": "bench"})
             exported = ProjectExport(project, dataset.config, "", tasks)
-            outcome = learn(RoundInputs(project, exported, derived, snapshot), settings, _progress)
-        round_seconds = round(time.monotonic() - started, 1)
+            outcome = learn(RoundInputs(project, exported, derived, snapshot), settings, clock)
+        round_seconds = clock.elapsed()
         version = reader.current(project)
         ranking = rank_heldout(settings, config, version, eval_tasks)
         point = {
@@ -173,6 +180,8 @@ def run_curve(dataset: Dataset, choices: list[int], settings: Settings, max_held
             "policy_only": score_ranking(ranking, 0.0).as_dict(),
             "rm_only": score_ranking(ranking, 1.0).as_dict() if ranking.has_rewards else None,
             "round_seconds": round_seconds if count else None,
+            "round_stage_seconds": clock.stage_seconds() if count else None,
+            "annotate_seconds": annotate_seconds,
             "round_heldout": outcome.get("heldout"),
             "policy_training": _policy_metrics(settings, project, outcome.get("version")),
             "heldout_rows": None if ranking.has_spans else heldout_rows(ranking),
@@ -253,8 +262,34 @@ def _summary(point: dict) -> dict:
     return {"choices": point["choices"], f"served_{metric}": pick(point["served"]),
             f"policy_{metric}": pick(point["policy_only"]), f"rm_only_{metric}": pick(point["rm_only"]),
             "confidence_auroc": point["served"].get("confidence_auroc"), "policy_label_auroc": point.get("policy_label_auroc"),
-            "round_seconds": point["round_seconds"],
-            "promoted": point["promoted"]}
+            "round_seconds": point["round_seconds"], "round_stage_seconds": point["round_stage_seconds"],
+            "annotate_seconds": point["annotate_seconds"], "promoted": point["promoted"]}
+
+
+class StageClock:
+    """A round's progress callback: prints its milestones and notes when each stage began, so the bench can say
+    where the round's time went."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.began: dict[str, float] = {}
+        self.ended: float | None = None
+
+    def __call__(self, stage: str, **detail) -> None:
+        self.began.setdefault(stage, time.monotonic())
+        _progress(stage, **detail)
+
+    def elapsed(self) -> float:
+        """Seconds since the round began; the first call ends the round."""
+        self.ended = self.ended or time.monotonic()
+        return round(self.ended - self.started, 1)
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds from each stage's start to the next one's ("export" is deriving and writing the snapshot,
+        "evaluate" the gate, until the promotion or rejection)."""
+        marks = [("export", self.started), *sorted(self.began.items(), key=lambda item: item[1])]
+        ends = [when for _, when in marks[1:]] + [self.ended or time.monotonic()]
+        return {stage: round(end - start, 1) for (stage, start), end in zip(marks, ends) if stage not in ("promoted", "rejected")}
 
 
 def _progress(stage: str, **detail) -> None:
