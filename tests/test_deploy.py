@@ -20,6 +20,7 @@ import yaml
 
 from backend.engine_client import EngineClient
 from backend.engine_process import EngineProcess, lora_resolver_environment
+from backend.hardware import engine_dtype
 from backend.settings import Settings
 from tests.conftest import REPO
 from tests.fake_engine import FakeEngine
@@ -314,6 +315,29 @@ def test_dockerfile_rules(name, setup_step):
     assert users and users[-1] not in ("root", "0", "0:0"), f"{name} must run as a non-root user"
     assert any(i == "HEALTHCHECK" for i, _ in instructions), f"{name} needs a HEALTHCHECK"
     assert "scripts/setup.sh" in (REPO / "Makefile").read_text()  # `make setup` runs the same script
+
+
+def test_the_cpu_engine_image_resolves_dtype_auto_as_serve_does():
+    """Compose hands vLLM `--dtype auto`, which vLLM reads as the checkpoint's bfloat16, emulated (5x slower) on a CPU
+    without AVX512-BF16. The CPU engine's entrypoint resolves it with backend/hardware.py, as `dataengine serve` does;
+    run here on the host's own CPU with `echo` standing in for vLLM."""
+    instructions = dockerfile_instructions(REPO / "Dockerfile.engine-cpu")
+    entrypoint = json.loads([a for i, a in instructions if i == "ENTRYPOINT"][-1])
+    assert entrypoint[1] == "/app/deploy/engine_entrypoint.py" and entrypoint[2:4] == ["/opt/engine/bin/python", "-m"]
+    copied = " ".join(a for i, a in instructions if i == "COPY")
+    assert "deploy/engine_entrypoint.py" in copied and "backend/hardware.py" in copied and "backend/__init__.py" in copied
+    assert resolve(SERVICES["engine-cpu"]["command"][SERVICES["engine-cpu"]["command"].index("--dtype") + 1]) == "auto"
+
+    def run(*args: str) -> str:
+        out = subprocess.run([sys.executable, str(REPO / "deploy" / "engine_entrypoint.py"), "echo", *args],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    native = engine_dtype("auto")
+    assert run("--model", "m", "--dtype", "auto", "--port", "8000") == f"--model m --dtype {native} --port 8000"
+    assert run("--dtype=auto") == f"--dtype={native}"
+    assert run("--dtype", "bfloat16") == "--dtype bfloat16"  # an explicit dtype is passed as set
 
 
 def test_hadolint_passes():
