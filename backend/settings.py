@@ -136,6 +136,14 @@ class Settings(BaseSettings):
             raise ValueError(f"BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together (or both left empty); {missing} is empty")
         return self
 
+    @model_validator(mode="after")
+    def _gate_can_evaluate(self) -> "Settings":
+        """A cap below the minimum would promote every version unevaluated."""
+        if 0 < self.eval_max_tasks < self.eval_min_tasks:
+            raise ValueError(f"DATAENGINE_EVAL_MAX_TASKS={self.eval_max_tasks} is below DATAENGINE_EVAL_MIN_TASKS="
+                             f"{self.eval_min_tasks}: the gate would never evaluate a version")
+        return self
+
     @property
     def auth_configured(self) -> bool:
         return bool(self.basic_auth_user and self.basic_auth_pass)

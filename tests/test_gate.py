@@ -186,3 +186,13 @@ def test_the_gate_sample_is_capped_stable_as_the_project_grows_and_blind_to_task
     shuffled = random.Random(0).sample(tasks, len(tasks))
     assert {t.task["id"] for t in gate_sample(shuffled, 50)} == {t.task["id"] for t in later}
     assert gate_sample(tasks[:30], 50) == tasks[:30] and gate_sample(tasks, 0) == tasks
+
+
+def test_a_cap_below_the_minimum_is_refused_at_start_up():
+    from pydantic import ValidationError
+
+    from backend.settings import Settings
+
+    with pytest.raises(ValidationError, match="DATAENGINE_EVAL_MAX_TASKS=3 is below DATAENGINE_EVAL_MIN_TASKS=5"):
+        Settings(eval_max_tasks=3, eval_min_tasks=5)
+    assert Settings(eval_max_tasks=0, eval_min_tasks=5).eval_max_tasks == 0  # 0: no cap
