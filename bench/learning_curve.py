@@ -13,11 +13,10 @@ with the real vLLM engine; the engine hot-loads each promoted adapter. Held-out:
 split holds out (never trained on). After each round the served version is scored on them: top-1 (NER:
 span F1) as served, of the policy alone (reward model off), of the reward model alone, and the confidence
 AUROC of the top candidate's score (does the score tell a right top-1 from a wrong one; with its bootstrap 95%
-interval over the held-out tasks). Choices 0 is the
-untrained model (calibrated, no training). Round seconds: what the RQ job does once the project is exported
-(derive, snapshot, reward model, policy, gate), with each stage's share; the simulated annotators' pre-annotation
-of the round's new tasks (served by /predict while they label, not by the round) is timed on its own. Prints
-JSON and writes JSON + PNG to --out.
+interval over the held-out tasks). Choices 0 is the untrained model (calibrated, no training). Round seconds:
+what the RQ job does once the project is exported (derive, snapshot, reward model, policy, gate), with each
+stage's share; the simulated annotators' pre-annotation of the round's new tasks (served by /predict while they
+label, not by the round) is timed on its own. Prints JSON and writes JSON + PNG to --out.
 
     .venv/bin/python bench/learning_curve.py                       # sentiment and NER at 0, 100, 400 choices
     .venv/bin/python bench/learning_curve.py --task sentiment --choices 0,100,400 --seed 1

@@ -29,8 +29,9 @@ def main() -> None:
     if len(sys.argv) < 2:
         sys.exit("usage: engine_entrypoint.py COMMAND [ARG ...]")
     command = resolved(sys.argv[1:])
-    if "--dtype" in sys.argv:
-        print(f"engine dtype: {command[sys.argv.index('--dtype')]}", file=sys.stderr, flush=True)
+    dtypes = [a for i, a in enumerate(command) if a.startswith("--dtype=") or (i and command[i - 1] == "--dtype")]
+    if dtypes:
+        print(f"engine dtype: {dtypes[-1].removeprefix('--dtype=')}", file=sys.stderr, flush=True)
     os.execvp(command[0], command)
 
 
