@@ -10,6 +10,12 @@ from backend.settings import Settings
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+SENTIMENT_LABELS = ("Positive", "Negative")  # the review data is binary
+SENTIMENT_CONFIG = (
+    '<View><Text name="text" value="$text"/><Choices name="sentiment" toName="text">'
+    + "".join(f'<Choice value="{label}"/>' for label in SENTIMENT_LABELS)
+    + "</Choices></View>"
+)
 
 
 @dataclass

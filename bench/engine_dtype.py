@@ -29,14 +29,11 @@ from backend.hardware import native_bf16  # noqa: E402
 from backend.label_config import compile_label_config  # noqa: E402
 from backend.prompts import build_choice_messages, option_answer  # noqa: E402
 from backend.settings import Settings  # noqa: E402
-from bench.common import resolve_model, sample_texts  # noqa: E402
+from bench.common import SENTIMENT_CONFIG, resolve_model, sample_texts  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
-CONFIG = compile_label_config(
-    '<View><Text name="text" value="$text"/><Choices name="sentiment" toName="text">'
-    '<Choice value="Positive"/><Choice value="Negative"/></Choices></View>'
-)
+CONFIG = compile_label_config(SENTIMENT_CONFIG)
 CONTROL = CONFIG.enumerable_control(16)
 OPTIONS = CONTROL.options()
 

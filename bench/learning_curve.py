@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from backend.label_config import compile_label_config  # noqa: E402
 from backend.registry import VersionReader  # noqa: E402
 from backend.settings import EMBEDDED_MODEL, Settings  # noqa: E402
-from bench.common import start_engine  # noqa: E402
+from bench.common import SENTIMENT_CONFIG, SENTIMENT_LABELS, start_engine  # noqa: E402
 from training.evaluate import EvalTask, is_heldout, rank_heldout, score_ranking  # noqa: E402
 from training.export import ProjectExport  # noqa: E402
 from training.preferences import derive  # noqa: E402
@@ -48,12 +48,6 @@ from training.rounds import RoundInputs, learn  # noqa: E402
 from training.snapshot import write_snapshot  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
-SENTIMENT_LABELS = ("Positive", "Negative")  # the data is binary
-SENTIMENT_CONFIG = (
-    '<View><Text name="text" value="$text"/><Choices name="sentiment" toName="text">'
-    + "".join(f'<Choice value="{label}"/>' for label in SENTIMENT_LABELS)
-    + "</Choices></View>"
-)
 NER_CONFIG = (REPO / "label_config" / "ner.xml").read_text()
 TARGETS = {
     "sentiment": {"policy_top1": {"100": 0.92, "400": 0.93}, "served_top1": {"100": 0.93, "400": 0.94},
@@ -153,8 +147,7 @@ def run_curve(dataset: Dataset, choices: list[int], settings: Settings, max_held
     points = []
     for count in choices:
         outcome: dict[str, Any] = {}
-        clock = StageClock()
-        annotate_seconds = None
+        clock, annotate_seconds = None, None
         if count:
             new = [t for t in pool[:count] + heldout if t["id"] not in exported_tasks]
             annotating = time.monotonic()
@@ -167,7 +160,7 @@ def run_curve(dataset: Dataset, choices: list[int], settings: Settings, max_held
             snapshot = write_snapshot(settings.projects_dir / project, derived, {"source": "bench"})
             exported = ProjectExport(project, dataset.config, "", tasks)
             outcome = learn(RoundInputs(project, exported, derived, snapshot), settings, clock)
-        round_seconds = clock.elapsed()
+        round_seconds = clock.elapsed() if clock else None
         version = reader.current(project)
         ranking = rank_heldout(settings, config, version, eval_tasks)
         point = {
@@ -179,8 +172,8 @@ def run_curve(dataset: Dataset, choices: list[int], settings: Settings, max_held
             "served": score_ranking(ranking).as_dict(),
             "policy_only": score_ranking(ranking, 0.0).as_dict(),
             "rm_only": score_ranking(ranking, 1.0).as_dict() if ranking.has_rewards else None,
-            "round_seconds": round_seconds if count else None,
-            "round_stage_seconds": clock.stage_seconds() if count else None,
+            "round_seconds": round_seconds,
+            "round_stage_seconds": clock.stage_seconds() if clock else None,
             "annotate_seconds": annotate_seconds,
             "round_heldout": outcome.get("heldout"),
             "policy_training": _policy_metrics(settings, project, outcome.get("version")),
