@@ -124,17 +124,34 @@ def test_policy_precision_follows_the_setting(tiny_model_dir, tmp_path, config):
         make_settings(tmp_path, policy_precision="half")
 
 
-def test_a_round_trains_generated_answers_at_a_higher_learning_rate(tmp_path):
+def test_a_round_trains_generated_answers_at_a_higher_constant_learning_rate(tmp_path):
     from tests.conftest import load_config, make_settings, ranking_configs
     from training.rounds import CLOSED_SET_SFT_LR, GENERATED_SFT_LR, policy_settings, project_kind
 
     settings = make_settings(tmp_path)
-    rate = lambda xml: policy_settings(project_kind(xml, settings), settings).sft_learning_rate  # noqa: E731
-    assert rate(load_config("sentiment")[0]) == CLOSED_SET_SFT_LR  # one option word
-    assert rate(load_config("ner")[0]) == rate(load_config(ranking_configs()[0])[0]) == GENERATED_SFT_LR
+    knobs = lambda xml: policy_settings(project_kind(xml, settings), settings)  # noqa: E731
+    closed, ner = knobs(load_config("sentiment")[0]), knobs(load_config("ner")[0])
+    ranking = knobs(load_config(ranking_configs()[0])[0])
+    assert closed.sft_learning_rate == CLOSED_SET_SFT_LR  # one option word
+    assert ner.sft_learning_rate == ranking.sft_learning_rate == GENERATED_SFT_LR
     assert GENERATED_SFT_LR > CLOSED_SET_SFT_LR
+    assert closed.sft_lr_scheduler == "linear"
+    assert ner.sft_lr_scheduler == ranking.sft_lr_scheduler == "constant"
     fp32 = make_settings(tmp_path, policy_precision="fp32")
     assert policy_settings(project_kind(load_config("ner")[0], fp32), fp32).bf16 is False
+
+
+@pytest.mark.parametrize("scheduler", ["constant", "linear"])
+def test_sft_follows_its_learning_rate_schedule(tiny_model_dir, tmp_path, config, scheduler):
+    settings = PolicySettings(sft_steps=4, sft_batch_size=2, sft_learning_rate=1e-3, sft_lr_scheduler=scheduler,
+                              torch_threads=THREADS)
+    sft = train_policy(str(tiny_model_dir), tmp_path / "out", sft=_sft(config, _reviews(0, 8)), settings=settings).metrics["sft"]
+    assert sft["lr_scheduler"] == scheduler
+    assert sft["learning_rate_first"] == pytest.approx(1e-3)
+    if scheduler == "linear":  # 1e-3 * (1 - 3/4) on the last of 4 steps
+        assert sft["learning_rate_last"] == pytest.approx(2.5e-4)
+    else:
+        assert sft["learning_rate_last"] == pytest.approx(1e-3)
 
 
 def test_prompt_text_drops_the_system_prompt(config):

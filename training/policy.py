@@ -64,6 +64,7 @@ class PolicySettings:
     sft_max_examples: int = 960
     sft_learning_rate: float = 2e-4
     sft_batch_size: int = 8
+    sft_lr_scheduler: str = "constant"  # transformers' lr_scheduler_type for the SFT stage ("linear": decays to 0)
     # RL (grpo / rloo)
     rl_steps: int = 20
     rl_learning_rate: float = 1e-4
@@ -282,7 +283,8 @@ def _dpo_rows(pairs: Sequence[PreferencePair]) -> list[dict[str, Any]]:
 
 
 def _policy_args(settings: PolicySettings, output_dir: Path) -> dict[str, Any]:
-    """The shared trainer defaults plus what every policy stage sets alike: a constant learning rate, a log per step."""
+    """The shared trainer defaults plus what every policy stage sets alike: a constant learning rate (SFT may set
+    its own schedule), a log per step."""
     return dict(
         base_args(output_dir, seed=settings.seed),
         logging_steps=settings.logging_steps,
@@ -310,7 +312,7 @@ def _run_stage(stage: _Stage, model, tokenizer, settings: PolicySettings, output
     """Train `model` (the LoRA adapter on it) for one stage; (optimizer steps taken, the stage's logs)."""
     from datasets import Dataset
 
-    config = stage.config_cls(**_policy_args(settings, output_dir), **stage.args)
+    config = stage.config_cls(**{**_policy_args(settings, output_dir), **stage.args})  # a stage's own args win
     logs = TrainingLog({"phase": stage.phase}, progress, summary=f"policy {stage.phase}")
     trainer = build_trainer(stage.trainer_cls, model=model, args=config, train_dataset=Dataset.from_list(stage.rows),
                             tokenizer=tokenizer, training_log=logs, **stage.trainer_kwargs)
@@ -327,11 +329,13 @@ def _run_sft(model, tokenizer, rows, settings: PolicySettings, output_dir: Path,
         per_device_train_batch_size=per_device_batch(min(settings.sft_batch_size, len(rows))),
         max_length=settings.max_length,
         completion_only_loss=True,
+        lr_scheduler_type=settings.sft_lr_scheduler,
     )
     steps, logs = _run_stage(_Stage("sft", SFTConfig, SFTTrainer, rows, args), model, tokenizer, settings, output_dir,
                              progress)
-    losses = logs.series("loss")
-    return {"steps": steps, "loss_first": _first(losses), "loss_last": _last(losses)}
+    losses, rates = logs.series("loss"), logs.series("learning_rate")
+    return {"steps": steps, "loss_first": _first(losses), "loss_last": _last(losses), "lr_scheduler": settings.sft_lr_scheduler,
+            "learning_rate_first": _first(rates), "learning_rate_last": _last(rates)}
 
 
 def _run_dpo(model, tokenizer, rows, settings: PolicySettings, output_dir: Path, progress) -> dict[str, Any]:
