@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from backend.hardware import native_bf16  # noqa: E402
-from backend.settings import Settings  # noqa: E402
+from bench.common import resolve_model  # noqa: E402
 from training.policy import PolicySettings, train_policy  # noqa: E402
 from training.preferences import derive  # noqa: E402
 
@@ -54,11 +54,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=400)
     parser.add_argument("--model", help="model directory (default: the embedded model)")
     args = parser.parse_args()
-    model = args.model or str(Settings().embedded_model_dir)
-    if not args.model:
-        from training.embedded_model import materialize
-
-        materialize(Path(model))
+    model, _ = resolve_model(args.model, None, Path(tempfile.mkdtemp(prefix="sft-precision-")))
     examples = sft_examples(args.tasks)
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for _ in range(args.repeats):
