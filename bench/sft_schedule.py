@@ -14,7 +14,7 @@ and SFT seconds; per schedule the median and range over runs, and the ratio of i
 The spread over seeds is the point: one run of one recipe moves top-1 by several points.
 
     .venv/bin/python bench/sft_schedule.py [--schedules constant,linear] [--seeds 0,1] [--lora-seeds 0]
-                                           [--choices 400] [--heldout 400] [--model DIR]
+                                           [--choices 400] [--heldout 400] [--model DIR|tiny]
 """
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import resolve_model  # noqa: E402
 from backend.prompts import build_choice_messages, option_answer  # noqa: E402
 from backend.settings import Settings  # noqa: E402
+from bench.common import resolve_model  # noqa: E402
 from training.evaluate import auroc, is_heldout  # noqa: E402
 from training.export import ProjectExport  # noqa: E402
 from training.policy import train_policy  # noqa: E402
@@ -44,7 +44,8 @@ SCORE_BATCH = 16
 
 
 def split(seed: int, choices: int, heldout: int):
-    """(the round's SFT examples from `choices` annotated reviews, the held-out tasks) of one data draw."""
+    """(the labeling config, the round's inputs from `choices` annotated reviews, the held-out tasks) of one data
+    draw."""
     from bench.learning_curve import sentiment
 
     dataset = sentiment(seed)
