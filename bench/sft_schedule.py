@@ -4,17 +4,19 @@ For each data draw in --seeds (the learning curve's split of ../shared/data/sent
 --lora-seeds, the policy's LoRA is trained once per schedule in --schedules with the round's own code: the SFT
 examples a round derives from --choices annotated non-held-out reviews (`training.rounds.policy_data`: the
 option-scoring prompt /predict sends), the round's knobs for the shipped sentiment config
-(`training.rounds.policy_settings`) with only the schedule changed, and `train_policy`. The first --heldout
-held-out reviews are then scored policy-only with transformers: each option's first-token log-probability,
-renormalised over the options (what the engine's choice constraint returns; the options' first tokens differ).
-No reward model, no calibration: a temperature keeps the order of the scores, so neither metric depends on it.
+(`training.rounds.policy_settings`) with only the schedule (and --sft-steps, if given) changed, and `train_policy`.
+The first --heldout held-out reviews are then scored policy-only with transformers: each option's first-token
+log-probability, renormalised over the options (what the engine's choice constraint returns; the options' first
+tokens differ). No reward model, no calibration: a temperature keeps the order of the scores, so neither metric
+depends on it.
 
 Prints JSON: per run top-1, errors, confidence AUROC (does the top option's probability tell right from wrong?)
 and SFT seconds; per schedule the median and range over runs, and the ratio of its median to the first schedule's.
 The spread over seeds is the point: one run of one recipe moves top-1 by several points.
 
     .venv/bin/python bench/sft_schedule.py [--schedules constant,linear] [--seeds 0,1] [--lora-seeds 0]
-                                           [--choices 400] [--heldout 400] [--model DIR|tiny]
+                                           [--choices 400] [--heldout 400] [--sft-steps N]
+                                           [--model DIR|tiny]
 """
 from __future__ import annotations
 
@@ -104,12 +106,12 @@ def metrics(rows: list[list[float]], tasks: list[dict], options: list[str]) -> d
             "confidence_auroc": _round(auroc(confidence, hits))}
 
 
-def run(model_dir: str, schedule: str, seed: int, lora_seed: int, choices: int, heldout: int) -> dict:
+def run(model_dir: str, schedule: str, seed: int, lora_seed: int, choices: int, heldout: int, steps: int | None) -> dict:
     settings = Settings(model=model_dir)
     xml, inputs, tasks = split(seed, choices, heldout)
     kind = project_kind(xml, settings)
     sft, _ = policy_data(inputs, kind, settings)
-    knobs = replace(policy_settings(kind, settings), sft_lr_scheduler=schedule, seed=lora_seed)
+    knobs = replace(policy_settings(kind, settings), sft_lr_scheduler=schedule, seed=lora_seed, sft_steps=steps)
     with tempfile.TemporaryDirectory(prefix="sft-schedule-") as scratch:
         started = time.monotonic()
         result = train_policy(model_dir, Path(scratch) / "adapter", sft=sft, algo="sft", settings=knobs)
@@ -145,6 +147,7 @@ def main() -> None:
     parser.add_argument("--lora-seeds", default="0", help="the adapter's initialisation and data order (PolicySettings.seed)")
     parser.add_argument("--choices", type=int, default=400)
     parser.add_argument("--heldout", type=int, default=400)
+    parser.add_argument("--sft-steps", type=int, help="SFT steps (default: the round's rule, 60 at 400 choices)")
     parser.add_argument("--model", help="model directory, or tiny (default: the embedded model)")
     args = parser.parse_args()
 
@@ -154,7 +157,7 @@ def main() -> None:
     for seed in map(int, args.seeds.split(",")):
         for lora_seed in map(int, args.lora_seeds.split(",")):
             for schedule in schedules:  # alternating, so a noisy stretch of the host hits every schedule alike
-                runs.append(run(model_dir, schedule, seed, lora_seed, args.choices, args.heldout))
+                runs.append(run(model_dir, schedule, seed, lora_seed, args.choices, args.heldout, args.sft_steps))
                 print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     print(json.dumps({"model": Path(model_dir).name, "choices": args.choices, "heldout": args.heldout, "runs": runs,
                       "summary": summary(runs, schedules)}, indent=2))
