@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=400)
     parser.add_argument("--model", help="model directory (default: the embedded model)")
     args = parser.parse_args()
-    model, _ = resolve_model(args.model, None, Path(tempfile.mkdtemp(prefix="sft-precision-")))
+    model, _ = resolve_model(args.model, None, Path(tempfile.gettempdir()) / "sft-precision")  # the dir: --model tiny
     examples = sft_examples(args.tasks)
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for _ in range(args.repeats):

@@ -70,8 +70,8 @@ def option_first_tokens(tokenizer, options: list[str]) -> list[int]:
     return firsts
 
 
-def score_heldout(model_dir: str, adapter: Path, kind, settings: Settings, tasks: list[dict]) -> list[list[float]]:
-    """Per task, the options' log-probabilities renormalised over the options."""
+def score_heldout(model_dir: str, adapter: Path, kind, settings: Settings, tasks: list[dict]) -> tuple[list[str], list[list[float]]]:
+    """(the options, per task their log-probabilities renormalised over the options)."""
     import torch
     from peft import PeftModel
 
@@ -94,7 +94,7 @@ def score_heldout(model_dir: str, adapter: Path, kind, settings: Settings, tasks
             batch = tokenizer(prompts[start:start + SCORE_BATCH], return_tensors="pt", padding=True, add_special_tokens=False)
             last = model(**batch).logits[:, -1].float().log_softmax(-1)
             rows += last[:, firsts].log_softmax(-1).tolist()
-    return rows
+    return options, rows
 
 
 def metrics(rows: list[list[float]], tasks: list[dict], options: list[str]) -> dict:
@@ -116,8 +116,7 @@ def run(model_dir: str, schedule: str, seed: int, lora_seed: int, choices: int, 
         started = time.monotonic()
         result = train_policy(model_dir, Path(scratch) / "adapter", sft=sft, algo="sft", settings=knobs)
         seconds = time.monotonic() - started
-        rows = score_heldout(model_dir, result.adapter_path, kind, settings, tasks)
-    options = kind.generation.enumerable_control(settings.enumerate_max).options()
+        options, rows = score_heldout(model_dir, result.adapter_path, kind, settings, tasks)
     return {"schedule": schedule, "seed": seed, "lora_seed": lora_seed, "sft_examples": len(sft),
             "sft_steps": result.metrics["sft"]["steps"], "sft_seconds": round(seconds, 1), **metrics(rows, tasks, options)}
 
@@ -151,7 +150,7 @@ def main() -> None:
     parser.add_argument("--model", help="model directory, or tiny (default: the embedded model)")
     args = parser.parse_args()
 
-    model_dir, _ = resolve_model(args.model, None, Path(tempfile.mkdtemp(prefix="sft-schedule-")))
+    model_dir, _ = resolve_model(args.model, None, Path(tempfile.gettempdir()) / "sft-schedule")  # the dir: --model tiny
     schedules = args.schedules.split(",")
     runs = []
     for seed in map(int, args.seeds.split(",")):
